@@ -1,0 +1,390 @@
+"""Dataset preparation: annotation files from a folder tree, a decode check of every file, re-encoding.
+
+    python prepare_videos.py ROOT [--reencode NEW_ROOT --short-side 256] [--workers 8] [--drop-bad]
+
+1. Annotations from `ROOT/<label>/<file>`: when every file stem parses as the official
+   `<youtube_id>_<start:06d>_<end:06d>`, an official-style Kinetics CSV
+   (`label,youtube_id,time_start,time_end,split`), else a `path label_index` list; plus `classes.txt`
+   (alphabetical, one name a line; the label is the folder name as written). Both load with
+   `kinetics_multigrid.KineticsDataset(root, annotations, class_list=classes.txt)`.
+2. Decode check (PyAV): open, read the stream header, decode frames at the start, middle and end
+   (strict: a stream that ends before its stated frame count fails). Bad files are printed with
+   the reason and written to `bad_videos.txt`; the exit code is 1 unless `--drop-bad` leaves them
+   out of the annotations.
+3. `--reencode NEW_ROOT`: H.264 (libx264, yuv420p, crf 23, preset veryfast), short side scaled down
+   to `--short-side` (never up; even sizes), one keyframe every `--keyframe-interval` frames
+   (scene-cut keyframes off), same fps (timestamps rewritten as frame / fps), no audio, same
+   `<label>/<stem>.mp4` layout, annotations written to `NEW_ROOT/annotations`. Parallel over
+   `--workers` processes with a tqdm bar; resumable: an output that exists and decodes is kept,
+   new outputs go to a hidden temporary name and are renamed when complete.
+
+Measured effect on the loader (bench/bench_data.py, 340x256 10 s 30 fps clips, one process, one
+thread, clips per CPU-second, KineticsDataset training clips): see bench/README.md; on the 2-core
+shared dev machine the original with a keyframe every 250 frames gave X3D-S 13x6 / X3D-M 16x5
+PREPARED_NUMBERS.
+"""
+import argparse
+import multiprocessing
+import os
+import re
+import sys
+from typing import NamedTuple
+
+import av
+
+from video_io import VIDEO_EXTENSIONS
+
+KINETICS_STEM = re.compile(r"^(?P<youtube_id>.+)_(?P<start>\d{6})_(?P<end>\d{6})$")
+PARTIAL_TAG = ".partial-"
+
+
+class VideoEntry(NamedTuple):
+    """One video of the tree: its path relative to the root ('/'-separated) and its label (folder name)."""
+    path: str
+    label: str
+
+
+def parse_kinetics_stem(stem):
+    """(youtube_id, start, end) of an official clip stem `<id>_<start:06d>_<end:06d>`, else None."""
+    match = KINETICS_STEM.match(stem)
+    if match is None:
+        return None
+    return match["youtube_id"], int(match["start"]), int(match["end"])
+
+
+def _is_video_name(name):
+    """A visible file name with a video extension (hidden names are temporaries)."""
+    return not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def scan_tree(root, skip=()):
+    """(entries, ignored) of `<root>/<label>/<file>`: video entries sorted by path, and the other
+    files found (relative paths). Folders named in `skip` (e.g. the annotation folder) are left out.
+    Raises FileNotFoundError for a missing root, PermissionError naming an unreadable folder and
+    ValueError for a tree without videos."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"video root {root} does not exist or is not a folder")
+    entries, ignored = [], []
+    skip = {os.path.realpath(path) for path in skip}
+    for label in sorted(os.listdir(root)):
+        folder = os.path.join(root, label)
+        if not os.path.isdir(folder):
+            ignored.append(label)
+            continue
+        if label.startswith(".") or os.path.realpath(folder) in skip:
+            continue
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as error:
+            raise PermissionError(f"cannot list label folder {folder}: {error.strerror}") from None
+        for name in names:
+            relative = f"{label}/{name}"
+            if _is_video_name(name) and os.path.isfile(os.path.join(folder, name)):
+                entries.append(VideoEntry(relative, label))
+            elif not name.startswith("."):
+                ignored.append(relative)
+    if not entries:
+        raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) found under {root}; expected the "
+                         f"layout {os.path.join(root, '<label>', '<file>.mp4')}")
+    return entries, ignored
+
+
+def _write_text(path, text):
+    """Write a text file atomically (temporary sibling + rename)."""
+    tmp = f"{path}{PARTIAL_TAG}{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _csv_field(text):
+    """A CSV field, quoted when it holds a comma, quote or space (as the official files quote labels)."""
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ', "') else text
+
+
+def write_annotations(entries, out_dir, split="train"):
+    """Write `classes.txt` and `<split>.csv` (all stems official) or `<split>.txt` (`path label_index`)
+    into `out_dir`; return {"classes": path, "annotations": path, "format": "csv" | "list"}."""
+    if not entries:
+        raise ValueError(f"no video to write annotations for in {out_dir}")
+    os.makedirs(out_dir, exist_ok=True)
+    classes = sorted({entry.label for entry in entries})
+    index = {name: i for i, name in enumerate(classes)}
+    parsed = [parse_kinetics_stem(os.path.splitext(os.path.basename(e.path))[0]) for e in entries]
+    if all(parsed):
+        lines = ["label,youtube_id,time_start,time_end,split"]
+        lines += [f"{_csv_field(e.label)},{p[0]},{p[1]},{p[2]},{split}" for e, p in zip(entries, parsed)]
+        path, kind = os.path.join(out_dir, f"{split}.csv"), "csv"
+    else:
+        lines = [f"{e.path} {index[e.label]}" for e in entries]
+        path, kind = os.path.join(out_dir, f"{split}.txt"), "list"
+    _write_text(path, "\n".join(lines) + "\n")
+    class_path = os.path.join(out_dir, "classes.txt")
+    _write_text(class_path, "".join(f"{name}\n" for name in classes))
+    return {"classes": class_path, "annotations": path, "format": kind}
+
+
+def _open_video(path):
+    """(container, stream, fps, num_frames) of a video file; raises ValueError with the reason."""
+    if not os.access(path, os.R_OK):
+        raise ValueError("file is not readable (permissions)" if os.path.exists(path) else "no such file")
+    container = av.open(path)
+    try:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate or stream.codec_context.width <= 0 or stream.codec_context.height <= 0:
+            raise ValueError("video stream has no frame rate or size")
+        num_frames = stream.frames
+        if not num_frames:  # webm / mkv store no count: count the packets
+            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
+            container.seek(0, stream=stream)
+        if num_frames <= 0:
+            raise ValueError("video stream has no frames")
+        return container, stream, float(rate), num_frames
+    except BaseException:
+        container.close()
+        raise
+
+
+def _decode_until(container, stream, fps, target):
+    """Index of the first frame at or after `target`, decoding from the keyframe before it; None when
+    the stream ends first."""
+    start = stream.start_time or 0
+    for seek in (True, False):
+        pts = start + int(target / fps / stream.time_base) if seek else start
+        container.seek(pts, stream=stream, backward=True, any_frame=False)
+        index, first = -1, True
+        for frame in container.decode(stream):
+            index = index + 1 if frame.pts is None else int(round((frame.pts - start) * stream.time_base * fps))
+            if first and seek and (index > target or frame.pts is None):
+                break  # the seek landed late or frames carry no time: decode from the start instead
+            first = False
+            if index >= target:
+                return index
+        else:
+            return None
+    return None
+
+
+def check_video(path, probes=3):
+    """None when `path` decodes, else the reason: header read, then `probes` frames spread from the
+    first to the stated last one are decoded (after a seek)."""
+    try:
+        container, stream, fps, num_frames = _open_video(path)
+    except av.error.FFmpegError as error:
+        return f"not a readable video ({error.strerror})"
+    except (OSError, ValueError) as error:
+        return str(error) or type(error).__name__
+    last = num_frames - 1
+    targets = sorted({round(last * k / max(probes - 1, 1)) for k in range(probes)})
+    try:
+        for target in targets:
+            if _decode_until(container, stream, fps, target) is None:
+                return f"stream ends before frame {target} of the {num_frames} it states (truncated?)"
+        return None
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        return (f"decoding failed on the way to frame {target} of the {num_frames} it states "
+                f"({getattr(error, 'strerror', None) or error})")
+    finally:
+        container.close()
+
+
+def _check_job(path):
+    """Worker entry for `check_videos`."""
+    return path, check_video(path)
+
+
+def _parallel(function, items, workers, progress, description):
+    """`function` over `items` (in order) on `workers` processes (inline when 1), with a tqdm bar."""
+    from tqdm import tqdm
+
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        bar = tqdm(items, desc=description, unit="video", disable=not progress)
+        return [function(item) for item in bar]
+    # fork (where available) so workers do not re-import torch; the pool starts before tqdm's thread
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(min(workers, len(items))) as pool:
+        results = pool.imap(function, items, chunksize=1)
+        return list(tqdm(results, total=len(items), desc=description, unit="video", disable=not progress))
+
+
+def check_videos(paths, workers=1, progress=False):
+    """{path: reason} of every path in `paths` that fails `check_video` (empty when all decode)."""
+    results = _parallel(_check_job, paths, workers, progress, "checking")
+    return {path: reason for path, reason in results if reason is not None}
+
+
+def scaled_even_size(width, height, short_side):
+    """(width, height) with the short side scaled down to `short_side` (never up), both rounded to even."""
+    scale = min(1.0, short_side / min(width, height))
+    return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
+
+
+def _is_prepared(path, short_side, source_size):
+    """True when `path` exists, decodes, and has the size a re-encode of `source_size` would give."""
+    if not os.path.exists(path) or check_video(path) is not None:
+        return False
+    with av.open(path) as container:
+        context = container.streams.video[0].codec_context
+        return (context.width, context.height) == scaled_even_size(*source_size, short_side)
+
+
+def add_h264_stream(container, rate, width, height, keyframe_interval, crf=23, preset="veryfast"):
+    """Add a single-threaded libx264 yuv420p stream to an output container: fixed keyframe interval,
+    no scene-cut keyframes; returns the stream (feed it yuv420p frames)."""
+    encoder = container.add_stream("libx264", rate=rate)
+    encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+    encoder.codec_context.thread_count = 1
+    encoder.options = {"crf": str(crf), "preset": preset,
+                       "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0"}
+    return encoder
+
+
+def reencode_video(src, dst, short_side=256, keyframe_interval=30, crf=23, preset="veryfast"):
+    """Re-encode `src` to an H.264 mp4 `dst` (see the module docstring); return "kept" when `dst`
+    already holds a decodable output of the right size, else "encoded"."""
+    with av.open(src) as source:
+        stream = source.streams.video[0]
+        stream.thread_type = "NONE"  # one process per core: the pool gives the parallelism
+        size = (stream.codec_context.width, stream.codec_context.height)
+        if _is_prepared(dst, short_side, size):
+            return "kept"
+        width, height = scaled_even_size(*size, short_side)
+        rate = stream.average_rate or stream.guessed_rate
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        head, tail = os.path.split(dst)
+        tmp = os.path.join(head, f".{tail}{PARTIAL_TAG}{os.getpid()}.mp4")
+        try:
+            with av.open(tmp, "w", format="mp4") as out:
+                encoder = add_h264_stream(out, rate, width, height, keyframe_interval, crf, preset)
+                for index, frame in enumerate(source.decode(stream)):
+                    frame = frame.reformat(width, height, "yuv420p", interpolation="AREA")
+                    frame.pts, frame.time_base = index, 1 / rate
+                    out.mux(encoder.encode(frame))
+                out.mux(encoder.encode(None))
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return "encoded"
+
+
+def _output_path(out_root, entry):
+    """Where the re-encode of `entry` goes: same label folder and stem, `.mp4`."""
+    return os.path.join(out_root, os.path.splitext(entry.path)[0] + ".mp4")
+
+
+def _reencode_job(job):
+    """Worker entry for `reencode_tree`: (entry, status or None, error or None)."""
+    entry, src, dst, options = job
+    try:
+        return entry, reencode_video(src, dst, **options), None
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        return entry, None, str(error) or type(error).__name__
+
+
+def _remove_partials(out_root):
+    """Delete temporary outputs an interrupted run left in `out_root`."""
+    for folder, _, names in os.walk(out_root):
+        for name in names:
+            if name.startswith(".") and PARTIAL_TAG in name:
+                os.remove(os.path.join(folder, name))
+
+
+def reencode_tree(root, out_root, entries, short_side=256, keyframe_interval=30, crf=23, preset="veryfast",
+                  workers=1, progress=False):
+    """Re-encode `entries` of `root` into `out_root` (same layout, `.mp4`); return
+    ({"encoded": n, "kept": n}, {relative path: error})."""
+    if os.path.realpath(root) == os.path.realpath(out_root):
+        raise ValueError(f"re-encode output {out_root} is the source root; choose a new folder")
+    os.makedirs(out_root, exist_ok=True)
+    _remove_partials(out_root)
+    options = dict(short_side=short_side, keyframe_interval=keyframe_interval, crf=crf, preset=preset)
+    jobs = [(e, os.path.join(root, e.path), _output_path(out_root, e), options) for e in entries]
+    counts, failed = {"encoded": 0, "kept": 0}, {}
+    for entry, status, error in _parallel(_reencode_job, jobs, workers, progress, "re-encoding"):
+        if error is None:
+            counts[status] += 1
+        else:
+            failed[entry.path] = error
+    return counts, failed
+
+
+def _arguments(argv):
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", help="dataset root laid out <root>/<label>/<video file>")
+    parser.add_argument("--annotations", help="folder for the annotation files (default <root>/annotations)")
+    parser.add_argument("--split", default="train", help="split name: file name and CSV split column")
+    parser.add_argument("--no-check", action="store_true", help="skip the decode check")
+    parser.add_argument("--drop-bad", action="store_true",
+                        help="leave files that fail the check out of the annotations (exit 0)")
+    parser.add_argument("--reencode", metavar="NEW_ROOT", help="re-encode every good video into NEW_ROOT")
+    parser.add_argument("--short-side", type=int, default=256, help="re-encode short side (never upscaled)")
+    parser.add_argument("--keyframe-interval", type=int, default=30, help="re-encode keyframe interval, frames")
+    parser.add_argument("--crf", type=int, default=23, help="x264 constant rate factor")
+    parser.add_argument("--preset", default="veryfast", help="x264 preset")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    for name in ("short_side", "keyframe_interval", "workers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None):
+    """Command-line entry; returns the exit code (0 ok, 1 bad or failed videos, 2 bad input)."""
+    args = _arguments(argv)
+    root, progress = os.path.abspath(args.root), not args.no_progress
+    out_dir = os.path.abspath(args.annotations or os.path.join(root, "annotations"))
+    try:
+        entries, ignored = scan_tree(root, skip=[out_dir])
+    except (OSError, ValueError) as error:
+        print(f"prepare_videos: {error}", file=sys.stderr)
+        return 2
+    labels = len({entry.label for entry in entries})
+    print(f"{root}: {len(entries)} videos in {labels} label folders"
+          + (f"; ignored {len(ignored)} other entries (first: {', '.join(ignored[:3])})" if ignored else ""))
+    bad = {}
+    if not args.no_check:
+        reasons = check_videos([os.path.join(root, e.path) for e in entries], args.workers, progress)
+        bad = {os.path.relpath(path, root).replace(os.sep, "/"): reason for path, reason in reasons.items()}
+        os.makedirs(out_dir, exist_ok=True)
+        bad_file = os.path.join(out_dir, "bad_videos.txt")
+        _write_text(bad_file, "".join(f"{path}\t{reason}\n" for path, reason in sorted(bad.items())))
+        for path, reason in sorted(bad.items()):
+            print(f"BAD {os.path.join(root, path)}: {reason}", file=sys.stderr)
+        print(f"decode check: {len(entries) - len(bad)} ok, {len(bad)} bad (listed in {bad_file})")
+    good = [e for e in entries if e.path not in bad]
+    if not good:
+        print(f"prepare_videos: no video under {root} decodes; nothing to annotate", file=sys.stderr)
+        return 1
+    written = write_annotations(good if args.drop_bad else entries, out_dir, args.split)
+    print(f"wrote {written['annotations']} ({written['format']}) and {written['classes']}")
+    status = 1 if bad and not args.drop_bad else 0
+    if args.reencode:
+        out_root = os.path.abspath(args.reencode)
+        try:
+            counts, failed = reencode_tree(root, out_root, good, args.short_side, args.keyframe_interval,
+                                           args.crf, args.preset, args.workers, progress)
+        except (OSError, ValueError) as error:
+            print(f"prepare_videos: {error}", file=sys.stderr)
+            return 2
+        for path, error in sorted(failed.items()):
+            print(f"FAILED {os.path.join(root, path)}: {error}", file=sys.stderr)
+        done = [VideoEntry(os.path.splitext(e.path)[0] + ".mp4", e.label) for e in good if e.path not in failed]
+        if done:
+            written = write_annotations(done, os.path.join(out_root, "annotations"), args.split)
+            print(f"re-encoded into {out_root}: {counts['encoded']} encoded, {counts['kept']} already done, "
+                  f"{len(failed)} failed; wrote {written['annotations']}")
+        status = 1 if failed else status
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""video_io: real H.264 files encoded with PyAV, real JPEG/PNG frames, garbage bytes."""
+import os
+
+import av
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+from PIL import Image
+
+import video_io
+from video_io import VideoDecodeError
+
+
+def coded_frame(i, width, height):
+    """A gray frame: top 16 rows encode i (two 16-level blocks), the rest is a horizontal ramp 0..255."""
+    frame = np.empty((height, width, 3), np.uint8)
+    frame[:] = np.linspace(0, 255, width).astype(np.uint8)[None, :, None]
+    frame[:16, :width // 2] = ((i // 16) % 16) * 16 + 8
+    frame[:16, width // 2:] = (i % 16) * 16 + 8
+    return frame
+
+
+def decoded_number(frame):
+    """Frame number read back from a `coded_frame` (mod 256)."""
+    frame = np.asarray(frame, dtype=np.float64)
+    width = frame.shape[1]
+    high = round((frame[3:13, 4:width // 2 - 4].mean() - 8) / 16)
+    low = round((frame[3:13, width // 2 + 4:-4].mean() - 8) / 16)
+    return int(high * 16 + low)
+
+
+def flat_frame(i, width, height):
+    """A flat gray frame whose value 20 + 3 * i encodes i (i < 70); survives any crop, resize or flip."""
+    return np.full((height, width, 3), 20 + 3 * i, np.uint8)
+
+
+def flat_number(clip_frame):
+    """Frame number of a `flat_frame` (any layout, any crop)."""
+    return int(round((float(torch.as_tensor(clip_frame).double().mean()) - 20) / 3))
+
+
+def encode_video(path, num_frames, width=340, height=256, gop=250, fps=30, make=coded_frame):
+    """Write an H.264 file (yuv420p, fixed keyframe interval `gop`) whose frame i is make(i, w, h)."""
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.codec_context.gop_size = gop
+    stream.options = {"crf": "16", "preset": "ultrafast", "sc_threshold": "0", "keyint_min": str(gop)}
+    for i in range(num_frames):
+        for packet in stream.encode(av.VideoFrame.from_ndarray(make(i, width, height), format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return str(path)
+
+
+def write_jpeg_folder(folder, num_frames, width, height, make=coded_frame, name="{:06d}.jpg"):
+    """Write frames 1..num_frames as JPEG files (quality 95) into `folder`; returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(num_frames):
+        path = os.path.join(folder, name.format(i + 1))
+        with open(path, "wb") as handle:
+            handle.write(simplejpeg.encode_jpeg(make(i, width, height), quality=95, colorspace="RGB"))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    """Frame-coded 340x256 videos, 300 frames, keyframes every 250 and every 12 frames."""
+    folder = tmp_path_factory.mktemp("videos")
+    return {gop: encode_video(folder / f"gop{gop}.mp4", 300, gop=gop) for gop in (250, 12)}
+
+
+@pytest.mark.parametrize("gop", [250, 12])
+def test_decoded_frames_equal_encoded_at_requested_indices(videos, gop):
+    indices = [200, 5, 5, 299, 150, 13, 12, 0, 251]
+    frames = video_io.read_video_frames(videos[gop], indices)
+    assert frames.shape == (len(indices), 256, 340, 3) and frames.dtype == torch.uint8
+    assert [decoded_number(f) for f in frames] == [i % 256 for i in indices]
+    for index, frame in zip(indices, frames):
+        error = (frame.int() - torch.from_numpy(coded_frame(index, 340, 256)).int()).abs().float()
+        assert error.mean() < 1.5 and error[20:].max() <= 8  # H.264 at crf 16 on a smooth ramp
+
+
+def test_seek_goes_to_the_keyframe_before_and_stops_after_the_last_frame(videos):
+    with video_io.VideoFile(videos[12]) as video:
+        frames = video.read(range(200, 280, 5))
+        assert [decoded_number(f) for f in frames] == [i % 256 for i in range(200, 280, 5)]
+        assert video.frames_decoded <= (275 - 192) + 1  # from keyframe 192 to frame 275, nothing after
+    with video_io.VideoFile(videos[250]) as video:
+        video.read([249])
+        assert video.frames_decoded == 250  # the only keyframe before 249 is frame 0
+        video.read([260])
+        assert video.frames_decoded == 11  # keyframe 250 .. 260
+
+
+def test_video_info_and_indices_past_the_end_repeat_the_last_frame(videos):
+    assert video_io.video_info(videos[250]) == (300, 30.0, 340, 256)
+    frames = video_io.read_video_frames(videos[250], [298, 299, 300, 450])
+    assert [decoded_number(f) for f in frames] == [298 % 256, 299 % 256, 299 % 256, 299 % 256]
+
+
+def test_min_short_side_shrinks_large_frames_by_an_integer_factor(videos):
+    shrunk = video_io.read_video_frames(videos[12], [3], min_short_side=100)
+    assert shrunk.shape == (1, 128, 170, 3)
+    full = video_io.read_video_frames(videos[12], [3]).float()
+    pooled = full[0, 20:].view(118, 2, 170, 2, 3).mean(dim=(1, 3))  # 2x2 means below the number band
+    assert (shrunk[0, 10:].float() - pooled).abs().mean() < 1.5
+    assert video_io.read_video_frames(videos[12], [3], min_short_side=200).shape == (1, 256, 340, 3)
+    assert video_io.shrink_factor(1080, 256) == 4 and video_io.shrink_factor(300, 256) == 1
+
+
+def test_mkv_without_a_stored_frame_count_counts_its_packets(tmp_path):
+    path = encode_video(tmp_path / "clip.mkv", 40, 64, 48, gop=10, fps=25, make=flat_frame)
+    assert video_io.video_info(path) == (40, 25.0, 64, 48)
+    assert [flat_number(f) for f in video_io.read_video_frames(path, [0, 17, 39])] == [0, 17, 39]
+
+
+def test_garbage_and_truncated_files_raise_one_error_type_naming_the_file(tmp_path, videos):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    data = open(videos[250], "rb").read()
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(data[:len(data) // 2])
+    for path in (garbage, truncated):
+        with pytest.raises(VideoDecodeError, match=path.name) as info:
+            video_io.read_video_frames(str(path), [0])
+        assert info.value.path == str(path)
+    with pytest.raises(VideoDecodeError, match="missing.mp4"):
+        video_io.open_video(str(tmp_path / "missing.mp4"))
+
+
+def test_jpeg_frames_decode_to_the_encoded_frames_with_repeats(tmp_path):
+    paths = write_jpeg_folder(tmp_path / "vid", 12, 120, 90)
+    frames = video_io.read_image_frames([paths[3], paths[0], paths[3], paths[11]])
+    assert frames.shape == (4, 90, 120, 3) and frames.dtype == torch.uint8
+    assert [decoded_number(f) for f in frames] == [3, 0, 3, 11]
+    assert (frames[0].int() - torch.from_numpy(coded_frame(3, 120, 90)).int()).abs().float().mean() < 1.5
+
+
+def test_jpeg_shrinks_in_the_decoder_and_pillow_reads_png(tmp_path):
+    big = write_jpeg_folder(tmp_path / "big", 2, 640, 480)
+    assert video_io.read_image_frames(big, min_short_side=200).shape == (2, 240, 320, 3)
+    assert video_io.read_image_frames(big, min_short_side=100).shape == (2, 120, 160, 3)
+    assert video_io.read_image_frames(big, min_short_side=300).shape == (2, 480, 640, 3)
+    png = tmp_path / "frame.png"
+    Image.fromarray(coded_frame(7, 64, 48)).save(png)
+    frames = video_io.read_image_frames([png])
+    assert torch.equal(frames[0], torch.from_numpy(coded_frame(7, 64, 48)))  # lossless through Pillow
+
+
+def test_bad_frames_name_their_file(tmp_path):
+    paths = write_jpeg_folder(tmp_path / "vid", 3, 64, 48)
+    with open(paths[1], "wb") as handle:
+        handle.write(b"\xff\xd8\xff garbage, not a jpeg")
+    with pytest.raises(VideoDecodeError, match="000002.jpg"):
+        video_io.read_image_frames(paths)
+    other = write_jpeg_folder(tmp_path / "other", 1, 32, 48)
+    with pytest.raises(VideoDecodeError, match="differs"):
+        video_io.read_image_frames([paths[0], other[0]])
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(VideoDecodeError, match="empty"):
+        video_io.open_video(str(tmp_path / "empty"))
+
+
+def test_frame_folder_reads_like_a_video_in_natural_order(tmp_path):
+    write_jpeg_folder(tmp_path / "vid", 12, 64, 48, make=flat_frame, name="img_{}.jpg")
+    with video_io.open_video(str(tmp_path / "vid"), frame_fps=24) as video:
+        assert (video.num_frames, video.fps, video.width, video.height) == (12, 24.0, 64, 48)
+        assert [flat_number(f) for f in video.read([1, 9, 10, 11, 30])] == [1, 9, 10, 11, 11]
+
+
+def test_fps_resample_indices():
+    assert video_io.fps_resample_indices(10, 60, 30).tolist() == [0, 2, 4, 6, 8]
+    assert video_io.fps_resample_indices(4, 30, 30).tolist() == [0, 1, 2, 3]
+    assert video_io.fps_resample_indices(4, 24, 30).tolist() == [0, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match="positive"):
+        video_io.fps_resample_indices(4, 0, 30)

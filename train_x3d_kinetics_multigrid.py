@@ -1,0 +1,240 @@
+"""Train X3D on Kinetics-400 with Multigrid, then run the multi-view test.
+
+    python train_x3d_kinetics_multigrid.py -gpu 0,1,2,3        # the constants below, on 4 GPUs
+    python train_x3d_kinetics_multigrid.py --demo              # a synthetic dataset, on the CPU
+    python train_x3d_kinetics_multigrid.py --eval-only --checkpoint models/x3d_m.pt -gpu 0
+    python train_x3d_kinetics_multigrid.py --predict some_video.mp4 --checkpoint PATH
+
+Edit the constants or override any of them on the command line (`--help` lists them all).
+A run writes everything to logs/<RUN_NAME>/ and resumes from there when restarted.
+"""
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+import kinetics_multigrid
+import trainer
+import x3d
+
+# --------------------------------------------------------------------------- constants (edit me)
+GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
+CPU_PROCESSES = 1        # CPU only: number of gloo processes (tests, debugging DDP)
+DEMO = False             # generate the synthetic Kinetics-format dataset and train on it
+RUN_NAME = "kinetics_x3d_m"
+LOG_DIR = "logs"
+RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
+
+TRAIN_ROOT = "/data/kinetics400/train"     # <label>/<youtube_id>_<start>_<end>.mp4 (or frames)
+TRAIN_ANNOTATIONS = "/data/kinetics400/annotations/train.csv"   # Kinetics CSV, `path label`, JSON
+VAL_ROOT = "/data/kinetics400/val"
+VAL_ANNOTATIONS = "/data/kinetics400/annotations/validate.csv"
+CLASS_LIST = ""          # one class name per line; empty: alphabetical order of the names
+TARGET_FPS = 30
+
+X3D_VERSION = "M"        # XS, S, M, L, XL
+PRETRAINED = ""          # initial weights: FAIR .pyth, pytorchvideo, x3d-multigrid .pt, ours
+FRAMES = 0               # 0: the preset's (XS 4, S 13, M/L/XL 16)
+RATE = 0                 # frame stride at TARGET_FPS; 0: the preset's (XS 12, S 6, M/L/XL 5)
+CROP = 0                 # train crop; 0: the preset's (160 / 224 / 312)
+TEST_CROP = 0            # 0: the preset's (182 / 256 / 356)
+SHORT_SIDE = []          # train short-side jitter [min, max]; empty: the preset's
+DROPOUT = 0.5
+
+BATCH_SIZE = 128         # global clips per iteration at the full shape (split over processes)
+BASE_LR = 0.1            # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
+LR_REFERENCE_BATCH = 128
+LR_POLICY = "steps_with_relative_lrs"      # or "cosine" (long cycle off)
+STEPS = [0, 94, 154, 196]  # PySlowFast's stepwise Multigrid schedule (epochs before Multigrid)
+MAX_EPOCH = 239
+GAMMA = 0.1
+WARMUP_EPOCHS = 0.0
+WARMUP_START_LR = 0.01   # relative to BASE_LR's batch, like BASE_LR
+MOMENTUM = 0.9
+NESTEROV = True
+WEIGHT_DECAY = 5e-5
+BN_WEIGHT_DECAY = 0.0
+
+LONG_CYCLE = True
+SHORT_CYCLE = True
+EPOCH_FACTOR = 1.5
+BN_BASE_SIZE = 8         # samples per BN split on each GPU in long-cycle phases
+
+PRECISION = "fp32"       # fp32, bf16 (autocast) or fp16 (autocast + grad scaler)
+CHANNELS_LAST = False
+COMPILE = False
+ACTIVATION_CHECKPOINTING = False
+DETERMINISTIC = False
+THREADS = 0              # torch intra-op threads per process; 0: torch's default
+SEED = 0
+WORKERS = 8              # data-loading processes per training process
+
+LOG_PERIOD = 20          # iterations between log lines
+EVAL_PERIOD = 10         # epochs between clip-level validations
+CHECKPOINT_PERIOD = 10   # epochs between kept checkpoints (last.pt is written every epoch)
+CHECKPOINT_ITERS = 1000  # iterations between last.pt updates inside an epoch; 0: off
+PRECISE_BN_BATCHES = 200
+TEST_TEMPORAL_VIEWS = 10
+TEST_SPATIAL_VIEWS = 3   # 3: 30-view protocol at TEST_CROP; 1: centre crop
+TEST_BATCH = 4           # videos per test batch (each with all its views)
+
+EVAL_ONLY = False        # multi-view test of CHECKPOINT, no training
+CHECKPOINT = ""
+PREDICT = ""             # a video file: print its top-5 classes with CHECKPOINT's weights
+
+# The demo: X3D-XS on the synthetic dataset, sized for a 2-core CPU (see README for its numbers).
+DEMO_SETTINGS = dict(
+    RUN_NAME="demo_kinetics_x3d_xs", X3D_VERSION="XS", FRAMES=16, RATE=2, CROP=80, TEST_CROP=96,
+    SHORT_SIDE=[96, 120], BATCH_SIZE=16, BASE_LR=0.2, LR_REFERENCE_BATCH=16,
+    STEPS=[0, 6, 9], MAX_EPOCH=11, WARMUP_EPOCHS=1.0, WORKERS=2, EVAL_PERIOD=100,
+    CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10, PRECISE_BN_BATCHES=10,
+    TEST_TEMPORAL_VIEWS=5, TEST_SPATIAL_VIEWS=3, BN_BASE_SIZE=4, DROPOUT=0.3,
+)
+DEMO_DATA = "data/synthetic_kinetics"
+# ------------------------------------------------------------------------------------------------
+
+CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA"))
+
+
+def fill_preset(cfg) -> None:
+    """Replace 0 / empty shape settings with the X3D preset's values."""
+    if cfg.x3d_version not in x3d.PRESETS:
+        raise trainer.SetupError(f"--x3d-version {cfg.x3d_version!r}: choose one of "
+                                 f"{', '.join(x3d.PRESETS)}")
+    p = x3d.PRESETS[cfg.x3d_version]
+    cfg.frames = cfg.frames or p.frames
+    cfg.rate = cfg.rate or p.rate
+    cfg.crop = cfg.crop or p.train_crop
+    cfg.test_crop = cfg.test_crop or p.test_crop
+    cfg.short_side = list(cfg.short_side) or list(p.train_short_side)
+
+
+def demo(cfg) -> None:
+    """Generate the synthetic Kinetics-format dataset and apply DEMO_SETTINGS not set by flags."""
+    import synthetic_data
+    paths = synthetic_data.make_kinetics(DEMO_DATA)
+    cfg.train_root, cfg.train_annotations = paths["train_root"], paths["train_csv"]
+    cfg.val_root, cfg.val_annotations = paths["val_root"], paths["val_csv"]
+    cfg.class_list = paths["classes"]
+    for name, value in DEMO_SETTINGS.items():
+        if getattr(cfg, name.lower()) == CONSTANTS[name]:
+            setattr(cfg, name.lower(), value)
+
+
+def _dataset(cfg, root, annotations, mode, log):
+    for what, path in (("root", root), ("annotations", annotations)):
+        if not os.path.exists(path):
+            raise trainer.SetupError(
+                f"Kinetics {mode} {what} {path!r} does not exist: set --{mode}-{what} "
+                "(or the constant at the top of train_x3d_kinetics_multigrid.py), or run --demo")
+    return kinetics_multigrid.KineticsDataset(
+        root, annotations, mode, class_list=cfg.class_list or None, frames=cfg.frames,
+        rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
+        temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
+        target_fps=cfg.target_fps, seed=cfg.seed, log=log)
+
+
+def build_datasets(cfg, log, test_only=False):
+    """(train, val, test) Kinetics datasets; val and test read the same validation list."""
+    fill_preset(cfg)
+    try:
+        test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
+        if test_only:
+            return None, None, test
+        train = _dataset(cfg, cfg.train_root, cfg.train_annotations, "train", log)
+        val = _dataset(cfg, cfg.val_root, cfg.val_annotations, "val", log)
+    except ValueError as e:
+        raise trainer.SetupError(str(e)) from None
+    return train, val, test
+
+
+def test(model, dataset, cfg, d, log, run_dir) -> dict:
+    """The multi-view test: mean of softmax over views; top-1 / top-5 / mean class accuracy."""
+    protocol = (f"{cfg.test_temporal_views} temporal x {cfg.test_spatial_views} spatial views "
+                f"({cfg.test_temporal_views * cfg.test_spatial_views}-view), {cfg.frames}x"
+                f"{cfg.rate} frames, crop {cfg.test_crop}, mean of softmax")
+    index, scores, labels, failed = trainer.predict_views(
+        model, dataset, kinetics_multigrid.collate_test, cfg, d, aggregate="mean")
+    for i in failed:
+        log(f"test: left out {dataset.path(i)}: it could not be decoded")
+    known = labels >= 0
+    results = {"protocol": protocol, **trainer.topk_accuracy(scores[known], labels[known]),
+               "failed_videos": len(failed)}
+    log(f"multi-view test ({protocol}): top-1 {results['top1']:.2f}%, top-5 "
+        f"{results['top5']:.2f}%, mean class accuracy {results['mean_class_acc']:.2f}% over "
+        f"{results['videos']} videos ({len(failed)} undecodable, left out); chance "
+        f"{100 / scores.shape[1]:.1f}%")
+    if d.main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "test_predictions.csv"), "w") as f:
+            f.write("path,label,top1,top5,top1_prob\n")
+            for i, s, y in zip(index.tolist(), scores, labels.tolist()):
+                top = s.topk(min(5, len(s)))
+                names = [dataset.classes[c] for c in top.indices.tolist()]
+                true = dataset.classes[y] if y >= 0 else ""
+                f.write(f'"{dataset.path(i)}","{true}","{names[0]}","{";".join(names)}",'
+                        f"{top.values[0]:.4f}\n")
+    return results
+
+
+def predict(cfg) -> None:
+    """--predict VIDEO: print the top-5 classes of one video with CHECKPOINT's weights."""
+    fill_preset(cfg)
+    if not cfg.checkpoint or not os.path.exists(cfg.checkpoint):
+        raise trainer.SetupError(f"--predict needs --checkpoint PATH (got {cfg.checkpoint!r})")
+    if not os.path.exists(cfg.predict):
+        raise trainer.SetupError(f"--predict {cfg.predict}: no such file")
+    classes_from = cfg.class_list or cfg.train_annotations
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = os.path.join(tmp, "predict.txt")
+        with open(listing, "w") as f:
+            f.write(f"{os.path.abspath(cfg.predict)} 0\n")
+        dataset = kinetics_multigrid.KineticsDataset(
+            "/", listing, "test", class_list=classes_from if cfg.class_list else None,
+            frames=cfg.frames, rate=cfg.rate, crop=cfg.crop, test_crop=cfg.test_crop,
+            temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
+            target_fps=cfg.target_fps, log=lambda m: None)
+        ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+        n_classes = ckpt.get("n_classes", 400) if isinstance(ckpt, dict) else 400
+        model = x3d.generate_model(cfg.x3d_version, n_classes=n_classes)
+        x3d.load_pretrained(model, ckpt)
+        views, _, _ = dataset[0]
+        if views is None:
+            raise trainer.SetupError(f"--predict {cfg.predict}: the video could not be decoded")
+        model.eval()
+        with torch.no_grad():
+            probs = model.predict(trainer.transforms.normalize(views)).mean(0)
+    names = _class_names(cfg, n_classes)
+    top = probs.topk(min(5, n_classes))
+    print(f"{cfg.predict}:")
+    for p, c in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"  {p:6.3f}  {names[c] if c < len(names) else c}")
+
+
+def _class_names(cfg, n_classes) -> list[str]:
+    if cfg.class_list and os.path.exists(cfg.class_list):
+        with open(cfg.class_list) as f:
+            return [line.strip() for line in f if line.strip()]
+    if os.path.exists(cfg.train_annotations):
+        return kinetics_multigrid.read_annotations(cfg.train_annotations).classes
+    return [str(i) for i in range(n_classes)]
+
+
+def loss(logits, labels):
+    """Cross-entropy on float32 logits."""
+    return F.cross_entropy(logits.float(), labels)
+
+
+def num_classes(dataset) -> int:
+    """Classes of a Kinetics dataset."""
+    return dataset.num_classes
+
+
+TASK = trainer.Task(name="kinetics", build_datasets=build_datasets, loss=loss,
+                    val_metrics=trainer.topk_accuracy, test=test, primary="top1",
+                    n_classes=num_classes, demo=demo, predict=predict)
+
+
+if __name__ == "__main__":
+    trainer.main(TASK, CONSTANTS, description=__doc__)

@@ -1,0 +1,821 @@
+"""What the three X3D training scripts share: config, processes, the Multigrid loop, checkpoints, logs.
+
+A script (train_x3d_kinetics_multigrid.py, ...) defines its constants at the top and a `Task` (how
+to build its datasets, its loss and its metrics) and calls `main(task, constants)`. Everything else
+lives here:
+
+- config: every UPPERCASE constant becomes a command-line flag (`--batch-size 64`, `-gpu 0,1`);
+- processes: one process per GPU (NCCL) launched from `-gpu`, several CPU processes (gloo) from
+  `--cpu-processes`, or whatever `torchrun` set up across nodes;
+- the loop: a `multigrid.MultigridPlan` decides every batch's shape and the learning rate; the
+  trainer only reacts to a long-cycle phase change by setting the BN splits (statistics are kept);
+- checkpoints: written atomically (temp file + rename) every N iterations and epochs, plus `last`
+  and `best`; a run restarted in the same folder resumes model, optimizer, scaler, LR position,
+  Multigrid phase, RNG states and sampler position, so a killed run ends with the same weights;
+- evaluation: precise BN, clip-level validation, multi-view test, per-video predictions;
+- logs: `logs/<run>/` holds config.json, log.txt, metrics.jsonl, PNG plots and checkpoints.
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import multigrid
+import transforms
+import x3d
+
+
+class SetupError(Exception):
+    """A configuration or input problem found before training: printed as one message, exit 2."""
+
+
+# ----------------------------------------------------------------------------------------- config
+
+def _flag(name: str) -> str:
+    return "--" + name.lower().replace("_", "-")
+
+
+def _parse_list(text: str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    for cast in (int, float):
+        try:
+            return [cast(t) for t in items]
+        except ValueError:
+            pass
+    return items
+
+
+def constants_of(namespace: dict, exclude=()) -> dict:
+    """The UPPERCASE settings (bool, number, string or list) of a script, in definition order."""
+    return {k: v for k, v in namespace.items()
+            if k.isupper() and k not in exclude and isinstance(v, (bool, int, float, str, list, tuple))}
+
+
+def parse_config(constants: dict, argv=None, description: str = "") -> argparse.Namespace:
+    """Turn a script's UPPERCASE constants into command-line flags with those defaults; parse argv."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, value in constants.items():
+        flags = [_flag(name)] + (["-gpu"] if name == "GPU" else [])
+        if isinstance(value, bool):
+            parser.add_argument(*flags, default=value, action=argparse.BooleanOptionalAction)
+        elif isinstance(value, (list, tuple)):
+            parser.add_argument(*flags, default=list(value), type=_parse_list,
+                                metavar="A,B,..")
+        elif isinstance(value, (int, float)):
+            parser.add_argument(*flags, default=value, type=type(value))
+        else:
+            parser.add_argument(*flags, default=value, type=str)
+    return parser.parse_args(argv)
+
+
+def parse_gpus(spec: str) -> list[int]:
+    """`"0,1,3"` -> [0, 1, 3]; empty -> [] (CPU). Names a missing GPU in a SetupError."""
+    spec = (spec or "").strip()
+    if not spec:
+        return []
+    try:
+        gpus = [int(g) for g in spec.split(",") if g.strip()]
+    except ValueError:
+        raise SetupError(f"-gpu {spec!r}: expected comma-separated GPU numbers such as 0,1,2,3 "
+                         "(or nothing for CPU)") from None
+    available = torch.cuda.device_count()
+    missing = [g for g in gpus if g < 0 or g >= available]
+    if missing:
+        raise SetupError(f"-gpu {spec}: GPU {missing[0]} does not exist on this machine "
+                         f"(torch.cuda.device_count() = {available}); "
+                         + ("omit -gpu to train on the CPU" if available == 0
+                            else f"use GPUs 0..{available - 1}"))
+    if len(set(gpus)) != len(gpus):
+        raise SetupError(f"-gpu {spec}: a GPU is listed twice")
+    return gpus
+
+
+# -------------------------------------------------------------------------------------- processes
+
+@dataclasses.dataclass
+class Dist:
+    """This process's place in the job: rank, world size and device."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """True on the process that logs, plots and writes checkpoints."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every process (no-op alone)."""
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of a list of numbers over all ranks."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_entry(local_rank: int, fn: Callable, cfg, gpus: list[int], port: int, nprocs: int):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    backend = "nccl" if gpus else "gloo"
+    if gpus:
+        torch.cuda.set_device(gpus[local_rank])
+    dist.init_process_group(backend, rank=local_rank, world_size=nprocs,
+                            timeout=datetime.timedelta(minutes=30))
+    device = torch.device("cuda", gpus[local_rank]) if gpus else torch.device("cpu")
+    try:
+        fn(cfg, Dist(local_rank, nprocs, device))
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable, cfg) -> None:
+    """Run `fn(cfg, Dist)` in one process, one process per GPU, N CPU processes, or under torchrun."""
+    gpus = parse_gpus(cfg.gpu)
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local = int(os.environ["LOCAL_RANK"])
+        if gpus and local >= len(gpus):
+            raise SetupError(f"torchrun started local rank {local} but -gpu lists only {gpus}")
+        use_cuda = torch.cuda.is_available() and (bool(gpus) or not cfg.gpu)
+        if use_cuda:
+            device = torch.device("cuda", gpus[local] if gpus else local)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+        try:
+            fn(cfg, Dist(dist.get_rank(), dist.get_world_size(), device))
+        finally:
+            dist.destroy_process_group()
+        return
+    nprocs = len(gpus) if gpus else max(1, cfg.cpu_processes)
+    if nprocs == 1:
+        device = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
+        if gpus:
+            torch.cuda.set_device(device)
+        fn(cfg, Dist(0, 1, device))
+        return
+    torch.multiprocessing.spawn(_process_entry, args=(fn, cfg, gpus, _free_port(), nprocs),
+                                nprocs=nprocs, join=True)
+
+
+# ------------------------------------------------------------------------------------ run folder
+
+class RunLog:
+    """The run folder: plain-text log, JSON-lines metrics, TensorBoard events and PNG plots (rank 0)."""
+
+    def __init__(self, run_dir: str, active: bool):
+        self.dir = run_dir
+        self.active = active
+        self.tb = None
+        self.bar = None
+        if not active:
+            return
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        self._text = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def __call__(self, message: str) -> None:
+        """Log one line (rank 0 only): to the terminal and to log.txt."""
+        if not self.active:
+            return
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        self._text.write(line + "\n")
+
+    def metric(self, record: dict) -> None:
+        """Append one record to metrics.jsonl (and TensorBoard)."""
+        if not self.active:
+            return
+        with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+
+    def records(self) -> list[dict]:
+        """Every record in metrics.jsonl."""
+        path = os.path.join(self.dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records written after `step` by a run that was killed (they are replayed on resume)."""
+        if not self.active:
+            return
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        _atomic_write_text(os.path.join(self.dir, "metrics.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in kept))
+
+    def plot(self) -> None:
+        """Write training_curves.png: loss, learning rate, clip shape and evaluation metrics."""
+        if not self.active:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        recs = self.records()
+        train = [r for r in recs if r.get("kind") == "train"]
+        evals = [r for r in recs if r.get("kind") in ("val", "test")]
+        if not train:
+            return
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+        epochs = [r["epoch_float"] for r in train]
+        axes[0, 0].plot(epochs, [r["loss"] for r in train])
+        axes[0, 0].set(title="training loss", xlabel="epoch")
+        axes[0, 1].plot(epochs, [r["lr"] for r in train])
+        axes[0, 1].set(title="learning rate", xlabel="epoch")
+        ax = axes[1, 0]
+        ax.step(epochs, [r["batch"] for r in train], where="post", label="per-GPU batch")
+        ax.step(epochs, [r["frames"] for r in train], where="post", label="frames")
+        ax.step(epochs, [r["crop"] for r in train], where="post", label="crop")
+        ax.set(title="Multigrid shape (last iteration logged)", xlabel="epoch", yscale="log")
+        ax.legend()
+        ax = axes[1, 1]
+        for kind in ("val", "test"):
+            pts = [(r["epoch"], r[r["primary"]]) for r in evals if r["kind"] == kind]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=f"{kind} {evals[0]['primary']}")
+        ax.set(title="evaluation", xlabel="epoch")
+        if evals:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.dir, "training_curves.png"), dpi=90)
+        plt.close(fig)
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self.active:
+            self._text.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write `state` with torch.save to a temp file, fsync, then rename over `path` (atomic)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """Every RNG the training step consumes: python, numpy, torch CPU and CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def param_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of every parameter's bytes: equal on all ranks when DDP kept them in sync."""
+    import hashlib
+    h = hashlib.sha1()
+    for p in _unwrap(model).parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def average_bn_buffers(model: torch.nn.Module, d: Dist) -> None:
+    """Make every rank hold the mean BN running statistics (DDP runs without buffer broadcast)."""
+    if d.world == 1:
+        return
+    for name, buf in _unwrap(model).named_buffers():
+        if buf.is_floating_point() and ("running_mean" in name or "running_var" in name):
+            dist.all_reduce(buf)
+            buf.div_(d.world)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+def to_input(clips: torch.Tensor, d: Dist, cfg) -> torch.Tensor:
+    """uint8 clips from a worker -> normalised float on the training device (channels_last_3d)."""
+    x = transforms.normalize(clips.to(d.device, non_blocking=True))
+    if cfg.channels_last and x.dim() == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def _autocast(cfg, d: Dist):
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=d.device.type, dtype=dtype)
+
+
+def _format(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items())
+
+
+def _shard(n: int, d: Dist) -> list[int]:
+    return list(range(d.rank, n, d.world))
+
+
+@torch.no_grad()
+def predict_clips(model, dataset, cfg, d: Dist, batch_size: int):
+    """Clip-level predictions over `dataset` (sharded over ranks): (indices, scores, targets) on every rank."""
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=_shard(len(dataset), d),
+                        num_workers=cfg.workers, pin_memory=d.device.type == "cuda")
+    model.eval()
+    indices, scores, targets = [], [], []
+    with _autocast(cfg, d):
+        for clips, target, index, _failures in loader:
+            scores.append(_unwrap(model).predict(to_input(clips, d, cfg)).float().cpu())
+            targets.append(target)
+            indices.append(index)
+    parts = d.gather((torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+                      torch.cat(scores) if scores else None, torch.cat(targets) if targets else None))
+    parts = [p for p in parts if p[1] is not None]
+    order = torch.cat([p[0] for p in parts]).argsort()
+    return (torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order],
+            torch.cat([p[2] for p in parts])[order])
+
+
+@torch.no_grad()
+def predict_views(model, dataset, collate, cfg, d: Dist, aggregate: str = "mean"):
+    """Multi-view test: per video, `aggregate` ('mean' or 'max') over its views of `model.predict`.
+
+    Returns (indices, scores, labels, failed) on every rank; `failed` lists the videos that could
+    not be decoded and were left out (reported by name in the log by the caller).
+    """
+    loader = DataLoader(dataset, batch_size=cfg.test_batch, sampler=_shard(len(dataset), d),
+                        num_workers=cfg.workers, collate_fn=collate,
+                        pin_memory=d.device.type == "cuda")
+    model.eval()
+    net = _unwrap(model)
+    indices, scores, labels, failed = [], [], [], []
+    with _autocast(cfg, d):
+        for views, label, index, bad in loader:
+            failed.extend(int(i) for i in bad)
+            if views is None or len(index) == 0:
+                continue
+            b, v = views.shape[:2]
+            flat = views.reshape(b * v, *views.shape[2:])
+            out = torch.cat([net.predict(to_input(flat[i:i + cfg.test_batch * 3], d, cfg)).float()
+                             for i in range(0, b * v, cfg.test_batch * 3)])
+            out = out.reshape(b, v, *out.shape[1:])
+            scores.append((out.mean(1) if aggregate == "mean" else out.amax(1)).cpu())
+            labels.append(label)
+            indices.append(index)
+    parts = d.gather((indices, scores, labels, failed))
+    idx = torch.cat([i for p in parts for i in p[0]]) if any(p[0] for p in parts) else torch.zeros(0, dtype=torch.long)
+    if len(idx) == 0:
+        raise RuntimeError("multi-view test: no video could be decoded; see the log for the failures")
+    order = idx.argsort()
+    return (idx[order], torch.cat([s for p in parts for s in p[1]])[order],
+            torch.cat([l for p in parts for l in p[2]])[order], sorted(f for p in parts for f in p[3]))
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
+    """top-1, top-5 and mean class accuracy (percent) of single-label scores (N, C)."""
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    hit1 = top[:, 0] == labels
+    classes = labels.unique()
+    per_class = torch.stack([hit1[labels == c].float().mean() for c in classes])
+    return {"top1": 100.0 * hit1.float().mean().item(),
+            "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item(),
+            "mean_class_acc": 100.0 * per_class.mean().item(), "videos": len(labels)}
+
+
+# ----------------------------------------------------------------------------------------- task
+
+@dataclasses.dataclass
+class Task:
+    """What differs between Kinetics, Charades classification and Charades localization."""
+    name: str
+    build_datasets: Callable  # (cfg, log) -> (train, val, test) datasets; test may be None
+    loss: Callable  # (logits, targets) -> scalar loss
+    val_metrics: Callable  # (scores, targets) -> dict, incl. the primary key
+    test: Callable  # (model, test_dataset, cfg, Dist, log, run_dir) -> dict of results (rank 0)
+    primary: str  # metric that decides `best`
+    n_classes: Callable  # (train dataset) -> int
+    model_task: str = "class"
+    multi_label: bool = False
+    demo: Callable | None = None  # (cfg) -> None: make the demo dataset and point cfg at it
+    predict: Callable | None = None  # (cfg) -> None: `--predict FILE`, print the top classes
+
+
+def build_model(cfg, task: Task, n_classes: int, log) -> torch.nn.Module:
+    """The X3D of `cfg.x3d_version`, with `cfg.pretrained` weights loaded when given."""
+    model = x3d.generate_model(cfg.x3d_version, n_classes=n_classes, dropout=cfg.dropout,
+                               task=task.model_task, multi_label=task.multi_label)
+    if cfg.pretrained:
+        if not os.path.exists(cfg.pretrained):
+            raise SetupError(f"--pretrained {cfg.pretrained}: no such file")
+        log(f"loaded pretrained weights {cfg.pretrained}: {_load(model, cfg.pretrained)}")
+    return model
+
+
+def _load(model, path: str) -> dict:
+    """x3d.load_pretrained, with its refusal turned into a SetupError naming the file."""
+    try:
+        return x3d.load_pretrained(model, path)
+    except ValueError as e:
+        raise SetupError(f"{path}: {e}") from None
+
+
+def make_plan(cfg, d: Dist) -> multigrid.MultigridPlan:
+    """The Multigrid plan (constant shape when both cycles are off) for this run's per-GPU batch."""
+    if cfg.batch_size % d.world:
+        raise SetupError(f"--batch-size {cfg.batch_size} (global) does not divide over "
+                         f"{d.world} processes")
+    per_gpu = cfg.batch_size // d.world
+    base_lr = multigrid.scale_lr(cfg.base_lr, cfg.lr_reference_batch, cfg.batch_size)
+    return multigrid.MultigridPlan(
+        cfg.frames, cfg.crop, cfg.rate, per_gpu, cfg.max_epoch, cfg.steps, base_lr,
+        long_cycle=cfg.long_cycle, short_cycle=cfg.short_cycle, lr_policy=cfg.lr_policy,
+        gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs,
+        warmup_start_lr=cfg.warmup_start_lr * base_lr / cfg.base_lr if cfg.warmup_start_lr else None,
+        epoch_factor=cfg.epoch_factor, bn_base_size=cfg.bn_base_size)
+
+
+def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:
+    """Recompute BN statistics over `cfg.precise_bn_batches` full-shape training batches.
+
+    PySlowFast's precise BN reads the training loader; here the batches are drawn at the default
+    (frames, crop) and per-GPU base batch with seeds of their own, so the training sampler's
+    position and the global RNG are untouched. BN splits are 1 meanwhile, then restored.
+    """
+    if cfg.precise_bn_batches <= 0:
+        return 0
+    per_gpu = cfg.batch_size // d.world
+    need = cfg.precise_bn_batches * per_gpu * d.world
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 17)
+    perm = torch.randperm(len(train_ds), generator=g).repeat(need // len(train_ds) + 1)[:need]
+    reqs = [multigrid.ClipRequest(int(i), cfg.frames, cfg.crop, cfg.rate,
+                                  int(cfg.seed * 7_919 + epoch * 104_729 + p + 2**40))
+            for p, i in enumerate(perm.tolist())][d.rank::d.world]
+    batches = [reqs[i:i + per_gpu] for i in range(0, len(reqs) - per_gpu + 1, per_gpu)]
+    loader = DataLoader(train_ds, batch_sampler=batches, num_workers=cfg.workers)
+    net = _unwrap(model)
+    x3d.set_bn_splits(net, 1)
+    with _autocast(cfg, d):
+        used = x3d.recompute_bn_stats(net, (to_input(b[0], d, cfg) for b in loader), len(batches))
+    x3d.set_bn_splits(net, splits)
+    average_bn_buffers(model, d)
+    return used
+
+
+# ----------------------------------------------------------------------------------------- train
+
+def _checkpoint_state(model, optimizer, scaler, cfg, task: Task, n_classes, epoch, iteration,
+                      step, best) -> dict:
+    return {"model": _unwrap(model).state_dict(), "x3d_version": cfg.x3d_version,
+            "n_classes": n_classes, "task": task.model_task, "multi_label": task.multi_label,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch, "iteration": iteration, "step": step, "best": best,
+            "rng": rng_state(), "config": vars(cfg)}
+
+
+def run_dir_for(cfg) -> str:
+    """logs/<run name>: the folder that holds everything a run writes, and what resume reads."""
+    return os.path.join(cfg.log_dir, cfg.run_name)
+
+
+def train(cfg, d: Dist, task: Task) -> dict | None:
+    """Train, evaluate and test one run; returns the test results on rank 0."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    run_dir = run_dir_for(cfg)
+    log = RunLog(run_dir, d.main)
+    last_path = os.path.join(run_dir, "checkpoints", "last.pt")
+    resume = cfg.resume and os.path.exists(last_path)
+    if not cfg.resume and os.path.exists(last_path):
+        raise SetupError(f"{last_path} exists and --no-resume was given: choose another "
+                         "--run-name or move that folder away")
+    log(f"run folder {run_dir}; {d.world} process(es) on {d.device.type}; "
+        f"{'resuming from ' + last_path if resume else 'starting fresh'}")
+
+    train_ds, val_ds, test_ds = task.build_datasets(cfg, log)
+    if d.main:
+        _atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(cfg), indent=2))
+    n_classes = task.n_classes(train_ds)
+    model = build_model(cfg, task, n_classes, log)
+    plan = make_plan(cfg, d)
+    log("Multigrid plan:\n" + plan.describe(world_size=d.world, num_samples=len(train_ds)))
+    if d.main:
+        multigrid.plot_schedule(plan, os.path.join(run_dir, "multigrid_schedule.png"),
+                                world_size=d.world, num_samples=len(train_ds))
+    sampler = multigrid.MultigridBatchSampler(len(train_ds), plan, rank=d.rank, world_size=d.world,
+                                              seed=cfg.seed)
+    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=d.device.type == "cuda", persistent_workers=cfg.workers > 0,
+                        generator=torch.Generator().manual_seed(cfg.seed),
+                        prefetch_factor=4 if cfg.workers > 0 else None)
+    optimizer = torch.optim.SGD(x3d.parameter_groups(model, cfg.weight_decay, cfg.bn_weight_decay),
+                                lr=plan.lr_at(0.0), momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0)
+    scaler = torch.amp.GradScaler(d.device.type) if cfg.precision == "fp16" else None
+    epoch, iteration, step, best = 0, 0, 0, None
+    if resume:
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        if (ckpt["x3d_version"], ckpt["n_classes"]) != (cfg.x3d_version, n_classes):
+            raise SetupError(
+                f"{last_path} holds X3D-{ckpt['x3d_version']} with {ckpt['n_classes']} classes, "
+                f"but this run is X3D-{cfg.x3d_version} with {n_classes}: choose another "
+                "--run-name, or --no-resume after moving that folder away")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        epoch, iteration, step, best = ckpt["epoch"], ckpt["iteration"], ckpt["step"], ckpt["best"]
+        set_rng_state(ckpt["rng"])
+        log.truncate_after(step)
+        log(f"resumed at epoch {epoch} iteration {iteration} (step {step})")
+    model.to(d.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    if cfg.activation_checkpointing:
+        model.set_activation_checkpointing(True)
+    net = model
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            broadcast_buffers=False)
+    if cfg.compile:
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        net = torch.compile(net)
+
+    phase = None
+    totals = {"failures": 0, "dropped": 0}
+    t_start = time.time()
+    while epoch < plan.max_epoch:
+        if plan.phase(epoch) != phase:
+            phase = plan.phase(epoch)
+            x3d.set_bn_splits(model, phase.bn_splits)
+            log(f"epoch {epoch}: Multigrid phase {phase.index} (LR step {phase.step_index}): "
+                f"per-GPU batch {phase.per_gpu_batch}, {phase.frames} frames, crop {phase.crop}, "
+                f"BN splits {phase.bn_splits}, until epoch {phase.end_epoch}")
+            log.metric({"kind": "phase", "step": step, "epoch": epoch, **phase._asdict()})
+        sampler.set_epoch(epoch, start_iteration=iteration)
+        n_iter = sampler.iterations_in_epoch(epoch)
+        totals["dropped"] += sampler.dropped_in_epoch(epoch) if iteration == 0 else 0
+        step = _train_epoch(net, model, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
+                            iteration, n_iter, step, totals,
+                            save=lambda e, i, s: save_checkpoint(
+                                last_path, _checkpoint_state(model, optimizer, scaler, cfg, task,
+                                                             n_classes, e, i, s, best)))
+        epoch, iteration = epoch + 1, 0
+        if val_ds is not None and (epoch % cfg.eval_period == 0 or epoch == plan.max_epoch):
+            _precise_bn(model, train_ds, cfg, d, epoch, phase.bn_splits)
+            _, scores, targets = predict_clips(net, val_ds, cfg, d, cfg.batch_size // d.world)
+            metrics = task.val_metrics(scores, targets)
+            log(f"epoch {epoch} validation (1 centre clip per video): " + _format(metrics))
+            log.metric({"kind": "val", "step": step, "epoch": epoch, "primary": task.primary,
+                        **metrics})
+            if best is None or metrics[task.primary] > best:
+                best = metrics[task.primary]
+                if d.main:
+                    save_checkpoint(os.path.join(run_dir, "checkpoints", "best.pt"),
+                                    _checkpoint_state(model, optimizer, scaler, cfg, task,
+                                                      n_classes, epoch, 0, step, best))
+        average_bn_buffers(model, d)
+        if d.main:
+            save_checkpoint(last_path, _checkpoint_state(model, optimizer, scaler, cfg, task,
+                                                         n_classes, epoch, 0, step, best))
+            if cfg.checkpoint_period and epoch % cfg.checkpoint_period == 0:
+                save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:04d}.pt"),
+                                _checkpoint_state(model, optimizer, scaler, cfg, task, n_classes,
+                                                  epoch, 0, step, best))
+            log.plot()
+        d.barrier()
+    fingerprints = d.gather(param_fingerprint(model))
+    log.metric({"kind": "ranks", "step": step, "param_fingerprints": fingerprints})
+    if len(set(fingerprints)) > 1:
+        log(f"warning: the ranks hold different weights: {fingerprints}")
+    log(f"training done: {step} iterations in {time.time() - t_start:.0f} s, "
+        f"{totals['failures']} decode failures replaced, {totals['dropped']} samples dropped "
+        "(epoch remainders that do not fill a batch)")
+    results = None
+    _precise_bn(model, train_ds, cfg, d, plan.max_epoch, plan.phase(plan.max_epoch - 1).bn_splits)
+    if d.main:
+        save_checkpoint(os.path.join(run_dir, "checkpoints", "final.pt"),
+                        {k: v for k, v in _checkpoint_state(
+                            model, optimizer, scaler, cfg, task, n_classes, epoch, 0, step,
+                            best).items() if k not in ("optimizer", "scaler", "rng")})
+    if test_ds is not None:
+        results = task.test(net, test_ds, cfg, d, log, run_dir)
+        if d.main:
+            log.metric({"kind": "test", "step": step, "epoch": epoch, "primary": task.primary,
+                        **{k: v for k, v in results.items() if isinstance(v, (int, float))}})
+            _atomic_write_text(os.path.join(run_dir, "results.json"), json.dumps(results, indent=2))
+    if d.main:
+        log.plot()
+    log.close()
+    return results
+
+
+def _train_epoch(net, model, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
+                 start_iteration, n_iter, step, totals, save) -> int:
+    """One (possibly partial) epoch; returns the global step after it."""
+    from tqdm import tqdm
+    net.train()
+    bar = tqdm(total=n_iter, initial=start_iteration, desc=f"epoch {epoch}", leave=False,
+               disable=not (d.main and sys.stderr.isatty()), dynamic_ncols=True)
+    log.bar = None if bar.disable else bar
+    window = {"loss": 0.0, "n": 0, "clips": 0, "wait": 0.0, "t0": time.time(), "bad": None}
+    iteration = start_iteration
+    t_wait = time.time()
+    for clips, targets, _index, failures in loader:
+        window["wait"] += time.time() - t_wait
+        lr = plan.lr_at(epoch + iteration / n_iter)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = to_input(clips, d, cfg)
+        targets = targets.to(d.device, non_blocking=True)
+        with _autocast(cfg, d):
+            loss = task.loss(net(x), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        iteration += 1
+        step += 1
+        bad = ~torch.isfinite(loss.detach())
+        window["bad"] = bad if window["bad"] is None else window["bad"] | bad
+        window["loss"] += loss.detach().float()
+        window["n"] += 1
+        window["clips"] += clips.shape[0] * d.world
+        totals["failures"] += int(failures.sum())
+        bar.update(1)
+        due_ckpt = cfg.checkpoint_iters and step % cfg.checkpoint_iters == 0
+        if step % cfg.log_period == 0 or iteration == n_iter or due_ckpt:
+            _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips, totals)
+            if due_ckpt:
+                average_bn_buffers(net, d)
+                if d.main:
+                    save(epoch, iteration, step)
+        t_wait = time.time()
+    bar.close()
+    log.bar = None
+    return step
+
+
+def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips, totals) -> None:
+    """Log the mean loss and throughput of the last iterations; stop on a non-finite loss."""
+    bad = bool(d.sum([float(window["bad"].item())])[0])
+    if bad:
+        raise FloatingPointError(
+            f"non-finite loss at epoch {epoch}, within the {window['n']} iterations before "
+            f"iteration {iteration} (step {step}); the run stopped and its last checkpoint "
+            f"({os.path.join(run_dir_for(cfg), 'checkpoints', 'last.pt')}) holds the last good "
+            "state. Lower --base-lr, lengthen --warmup-epochs or check the data, then rerun to "
+            "resume from it.")
+    loss, failures = d.sum([window["loss"].item() / window["n"], float(totals["failures"])])
+    elapsed = time.time() - window["t0"]
+    rec = {"kind": "train", "step": step, "epoch": epoch, "iteration": iteration,
+           "epoch_float": epoch + iteration / n_iter, "loss": loss / d.world, "lr": lr,
+           "batch": clips.shape[0], "frames": clips.shape[2], "crop": clips.shape[-1],
+           "clips_per_s": window["clips"] / max(elapsed, 1e-9),
+           "data_wait": window["wait"] / max(elapsed, 1e-9), "decode_failures": int(failures)}
+    if d.device.type == "cuda":
+        rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    log.metric(rec)
+    if step % cfg.log_period == 0 or iteration == n_iter:
+        log(f"epoch {epoch} it {iteration}/{n_iter} loss {rec['loss']:.4f} lr {lr:.4g} "
+            f"shape {rec['batch']}x{rec['frames']}x{rec['crop']}^2 "
+            f"{rec['clips_per_s']:.1f} clips/s data-wait {100 * rec['data_wait']:.0f}%")
+    window.update(loss=0.0, n=0, clips=0, wait=0.0, t0=time.time(), bad=None)
+
+
+# ------------------------------------------------------------------------------------ entry point
+
+def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
+    """`--eval-only --checkpoint PATH`: the multi-view test of any checkpoint x3d.py can load."""
+    log = RunLog(run_dir_for(cfg), d.main)
+    _, _, test_ds = task.build_datasets(cfg, log, test_only=True)
+    model = build_model(cfg, task, task.n_classes(test_ds), log)
+    if not os.path.exists(cfg.checkpoint):
+        raise SetupError(f"--checkpoint {cfg.checkpoint}: no such file")
+    log(f"evaluating {cfg.checkpoint}: {_load(model, cfg.checkpoint)}")
+    model.to(d.device)
+    results = task.test(model, test_ds, cfg, d, log, run_dir_for(cfg))
+    if d.main:
+        _atomic_write_text(os.path.join(run_dir_for(cfg), "results.json"),
+                           json.dumps(results, indent=2))
+    log.close()
+    return results
+
+
+def _worker(cfg, d: Dist, task: Task) -> None:
+    try:
+        (evaluate_checkpoint if cfg.eval_only else train)(cfg, d, task)
+    except SetupError as e:
+        if d.main:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class _Bound:
+    """Picklable (cfg, Dist) -> None callable for process spawning."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, cfg, d):
+        _worker(cfg, d, self.task)
+
+
+def main(task: Task, constants: dict, argv=None, description: str = "") -> None:
+    """Parse the script's constants and command line, then train / evaluate as configured."""
+    cfg = parse_config(constants, argv, description)
+    try:
+        if cfg.demo:
+            if task.demo is None:
+                raise SetupError(f"{task.name}: --demo is not available for this script")
+            task.demo(cfg)
+        if cfg.eval_only and not cfg.checkpoint:
+            raise SetupError("--eval-only needs --checkpoint PATH")
+        if getattr(cfg, "predict", ""):
+            if task.predict is None:
+                raise SetupError(f"{task.name}: --predict is not available for this script")
+            task.predict(cfg)
+            return
+        launch(_Bound(task), cfg)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
