@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import re
 import sys
@@ -22,6 +23,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
+import torch
+import torch.utils.data
+
+import transforms as T
+from video_io import VIDEO_EXTENSIONS, VideoDecodeError, open_video, read_image_frames
 
 NUM_CLASSES = 157
 FPS = 24
@@ -535,9 +541,276 @@ def score_submission(kind: str, annotations, submission, classes=None) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # Datasets: classification clips (span targets, K temporal x 1 or 3 spatial test views) and
-# localization clips (per-frame targets aligned with the network's output frames) go here, built
-# on video_io.py and the targets above. They come with the training scripts (issue 6, second part).
+# localization clips (per-frame targets aligned with the network's output frames).
 # ----------------------------------------------------------------------------------------------
+
+PADDING = -1.0  # per-frame target value of clip positions outside the video (masked out of the loss)
+
+
+class _FrameList:
+    """The JPEG frames of one Charades video (``<id>-000001.jpg`` ..., contiguous), read like a video."""
+
+    def __init__(self, folder: str, video: CharadesVideo, fps: float):
+        """List the folder; raise VideoDecodeError naming the video, its CSV line and the first missing frame."""
+        pattern = re.compile(rf"^{re.escape(video.id)}-(\d+)\.(jpe?g|png)$", re.IGNORECASE)
+        try:
+            names = os.listdir(folder)
+        except OSError as e:
+            raise VideoDecodeError(folder, f"cannot list frame folder ({e.strerror}); {video.where()}") from None
+        numbered = {}
+        for name in names:
+            m = pattern.match(name)
+            if m:
+                numbered[int(m.group(1))] = name
+        if not numbered:
+            raise VideoDecodeError(folder, f"no frames named {video.id}-000001.jpg ...; {video.where()}")
+        last = max(numbered)
+        if len(numbered) != last or min(numbered) != 1:
+            first = next(k for k in range(1, last + 1) if k not in numbered)
+            raise VideoDecodeError(
+                folder, f"missing frame {os.path.join(folder, f'{video.id}-{first:06d}.jpg')} "
+                        f"({last - len(numbered)} of {last} frames missing); {video.where()}")
+        self.files = [os.path.join(folder, numbered[k]) for k in range(1, last + 1)]
+        self.num_frames, self.fps = last, float(fps)
+
+    def __enter__(self):
+        """Context-manager entry (nothing to release)."""
+        return self
+
+    def __exit__(self, *exc):
+        """Context-manager exit."""
+
+    def read(self, indices, *, min_short_side=None):
+        """uint8 (T, H, W, 3) frames at in-range `indices`."""
+        return read_image_frames([self.files[int(i)] for i in indices], min_short_side=min_short_side)
+
+
+def clip_positions(start: float, frames: int, step: float) -> np.ndarray:
+    """Source-frame positions (frames,) float64 of a clip: start + i * step (PySlowFast Charades ``get_seq_frames``)."""
+    return start + np.arange(frames, dtype=np.float64) * step
+
+
+def interpolate_scores(times, scores, query) -> np.ndarray:
+    """Scores (Q, C) at query times (Q,) from per-output scores (C, N) at times (N,) (NaN = padding, dropped).
+
+    Outputs at the same time are averaged; between outputs the scores are interpolated linearly,
+    before the first / after the last output they are held constant (np.interp).
+    """
+    times = np.asarray(times, np.float64).reshape(-1)
+    scores = np.asarray(scores, np.float64).reshape(-1, times.size)
+    keep = np.isfinite(times)
+    if not keep.any():
+        raise ValueError("interpolate_scores: no output time inside the video")
+    uniq, inverse = np.unique(times[keep], return_inverse=True)
+    summed = np.zeros((scores.shape[0], uniq.size))
+    np.add.at(summed.T, inverse, scores[:, keep].T)
+    mean = summed / np.bincount(inverse, minlength=uniq.size)
+    query = np.asarray(query, np.float64).reshape(-1)
+    return np.stack([np.interp(query, uniq, row) for row in mean], axis=1)
+
+
+class CharadesDataset(torch.utils.data.Dataset):
+    """Charades clips from ``Charades_v1_rgb/<id>/<id>-NNNNNN.jpg`` frames (or ``<root>/<id>.mp4`` videos).
+
+    mode 'train' takes an int or a multigrid.ClipRequest and returns (clip uint8 (3, T, S, S),
+    target, index, failures); 'val' takes an int and returns the same for the centre clip at the
+    train crop; 'test' returns (views uint8 (K * spatial_views, 3, T, test_crop, test_crop)
+    temporal-major, video labels float32 (C,), index), plus, for target='frames', a dict
+    {'times': (K, T) float64 seconds of each clip frame, NaN where the clip runs past the video;
+    'num_frames', 'fps'} for localization; views is None for an undecodable video.
+    target='clip': float32 (C,) classes active anywhere in the sampled span (span_targets, from the
+    first to the last frame read); target='frames': float32 (C, T), frame_targets at each sampled
+    frame's time (inclusive bounds, the official localization ones), PADDING (-1) where the clip runs
+    past either end of the video.
+
+    Sampling follows PySlowFast's Charades loader: ``rate`` counts frames at ``fps`` (24, the frame
+    rate of Charades_v1_rgb; a video file at another rate is stepped by rate * its fps / fps);
+    positions start + i * rate, clamped to the video (a 64x2 clip spans 127 frames); training draws
+    the rate from [rate, max_rate] and an integer start from [0, n - span] (from [n - span, 0] when
+    the clip is longer than the video, so it pads at both ends); test window k of K starts at
+    round(k * max(n - span, 0) / (K - 1)), so the first and last views touch the video's ends.
+    Spatial augmentation is KineticsDataset's: short side from [round(min * crop / default crop),
+    max], random crop, flip; test crops at start / centre / end of the long side.
+    """
+
+    def __init__(self, frames_root, annotations, mode="train", *, classes=None, frames=16, rate=5, crop=224,
+                 short_side=(256, 320), test_crop=None, temporal_views=10, spatial_views=3, fps=FPS,
+                 target="clip", inverse_uniform=False, max_retries=10, seed=0, log=print):
+        """Read the CSV (and class list), find every video under frames_root, log the index report."""
+        if mode not in ("train", "val", "test"):
+            raise ValueError(f"mode must be 'train', 'val' or 'test', got {mode!r}")
+        if target not in ("clip", "frames"):
+            raise ValueError(f"target must be 'clip' or 'frames', got {target!r}")
+        if spatial_views not in (1, 3):
+            raise ValueError(f"spatial_views must be 1 (centre) or 3 (start/centre/end), got {spatial_views}")
+        if mode == "train" and not crop <= short_side[0] <= short_side[1]:
+            raise ValueError(f"short_side {tuple(short_side)} must satisfy crop {crop} <= min <= max")
+        if not os.path.isdir(frames_root):
+            raise FileNotFoundError(f"Charades frames root {frames_root} does not exist or is not a folder")
+        self.root, self.mode, self.target, self.log = os.fspath(frames_root), mode, target, log
+        self.frames, self.rate, self.crop = int(frames), int(rate), int(crop)
+        self.short_side, self.inverse_uniform = (int(short_side[0]), int(short_side[1])), bool(inverse_uniform)
+        self.test_crop = int(test_crop or crop)
+        self.temporal_views, self.spatial_views = int(temporal_views), int(spatial_views)
+        self.fps, self.max_retries, self.seed = float(fps), int(max_retries), int(seed)
+        self.classes = read_classes(classes) if classes else None
+        self.num_classes = len(self.classes) if self.classes else NUM_CLASSES
+        listed = read_charades_csv(annotations, self.classes)
+        for v in listed:
+            for cls, _, _ in v.actions:
+                _check_class(v, cls, self.num_classes)
+        self.videos, self._paths, missing = [], [], []
+        for v in listed:
+            path = self._find(v.id)
+            if path is None:
+                missing.append(os.path.join(self.root, v.id, f"{v.id}-000001.jpg"))
+            else:
+                self.videos.append(v)
+                self._paths.append(path)
+        self.index_report = {"listed": len(listed), "found": len(self.videos), "missing": len(missing),
+                             "first_missing": missing[:10]}
+        log(f"charades {mode}: {annotations}: {len(listed)} listed, {len(self.videos)} found under "
+            f"{self.root}, {len(missing)} missing" + (f" (first: {', '.join(missing[:3])})" if missing else ""))
+        if not self.videos:
+            raise ValueError(f"no video of {annotations} found under {self.root}; expected e.g. {missing[0]} "
+                             f"(<root>/<id>/<id>-000001.jpg frames, or <root>/<id>.mp4)")
+
+    def _find(self, vid: str):
+        """The frame folder or video file of a video id under the root, or None."""
+        folder = os.path.join(self.root, vid)
+        if os.path.isdir(folder):
+            return folder
+        for ext in VIDEO_EXTENSIONS:
+            if os.path.isfile(folder + ext):
+                return folder + ext
+        return None
+
+    def __len__(self) -> int:
+        """Number of videos found."""
+        return len(self.videos)
+
+    def path(self, i: int) -> str:
+        """Frame folder or video file of video i."""
+        return self._paths[i]
+
+    def labels(self, i: int) -> np.ndarray:
+        """Video-level multi-hot labels (C,) float32 of video i."""
+        return video_labels([self.videos[i]], self.num_classes)[0]
+
+    def _open(self, i: int):
+        """The frames of video i as a source with num_frames, fps and read(); raises VideoDecodeError."""
+        path = self._paths[i]
+        if os.path.isdir(path):
+            return _FrameList(path, self.videos[i], self.fps)
+        return open_video(path)
+
+    def __getitem__(self, item):
+        """train: ClipRequest or int; val / test: int. See the class docstring for what comes back."""
+        if self.mode == "train":
+            if isinstance(item, (int, np.integer)):
+                seed = int(torch.randint(2**62, ()).item())  # global RNG: DataLoader seeds it per worker
+                item = (int(item), self.frames, self.crop, self.rate, seed)
+            else:
+                item = (int(item.index), int(item.frames), int(item.crop), int(item.max_rate), int(item.seed))
+            return self._with_retries(*item)
+        if not isinstance(item, (int, np.integer)):
+            raise TypeError(f"{self.mode} mode takes an int index, got {item!r}")
+        index = int(item)
+        if self.mode == "val":
+            return self._with_retries(index, self.frames, self.crop, self.rate, self.seed + index)
+        try:
+            views, info = self._test_views(index)
+        except VideoDecodeError as error:
+            self.log(f"charades test: excluding {error.path}: {error.reason}")
+            views, info = None, None
+        out = (views, self.labels(index), index)
+        return out + (info,) if self.target == "frames" else out
+
+    def _with_retries(self, index, frames, crop, max_rate, seed):
+        """One clip; an undecodable video is replaced by one drawn from the same generator (counted)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside 0..{len(self) - 1}")
+        if frames < 1 or crop < 1 or max_rate < self.rate:
+            raise ValueError(f"bad clip request frames={frames} crop={crop} max_rate={max_rate} "
+                             f"(needs frames, crop >= 1 and max_rate >= rate {self.rate})")
+        generator = torch.Generator().manual_seed(seed)
+        failed = []
+        while True:
+            try:
+                clip, target = self._clip(index, frames, crop, max_rate, generator)
+                return clip, target, index, len(failed)
+            except VideoDecodeError as error:
+                failed.append(f"{error.path} ({error.reason})")
+                self.log(f"charades {self.mode}: replacing {error.path}: {error.reason}")
+                if len(failed) >= self.max_retries:
+                    raise RuntimeError(f"{len(failed)} videos in a row failed to decode: " + "; ".join(failed))
+                index = int(torch.randint(len(self), (), generator=generator).item())
+
+    def _step(self, video_fps: float, rate: int) -> float:
+        """Source frames between two clip frames."""
+        return rate * video_fps / self.fps
+
+    def _clip(self, index, frames, crop, max_rate, generator):
+        """(uint8 (3, frames, crop, crop), target) of video index (train: random; val: centre)."""
+        with self._open(index) as src:
+            n = src.num_frames
+            if self.mode == "train":
+                rate = int(torch.randint(self.rate, max_rate + 1, (), generator=generator).item())
+                step = self._step(src.fps, rate)
+                lo, hi = sorted((0, int(math.floor(n - 1 - (frames - 1) * step))))
+                start = int(torch.randint(lo, hi + 1, (), generator=generator).item())
+            else:
+                step = self._step(src.fps, self.rate)
+                start = int(math.floor((n - 1 - (frames - 1) * step) / 2))
+            pos = clip_positions(start, frames, step)
+            idx = np.clip(np.floor(pos), 0, n - 1).astype(np.int64)
+            clip = src.read(idx, min_short_side=self.short_side[1] if self.mode == "train" else crop)
+        target = self._target(index, pos, idx, n, src.fps)
+        if self.mode != "train":
+            return T.to_cthw(T.scale_uniform_crop(clip, crop, 1)), target
+        min_size = int(round(self.short_side[0] * crop / self.crop))
+        clip = T.random_scale_crop(clip, crop, min_size, max(self.short_side[1], min_size), generator,
+                                   self.inverse_uniform)
+        return T.to_cthw(T.random_horizontal_flip(clip, generator)), target
+
+    def _target(self, index, pos, idx, n, fps):
+        """span_targets over the frames read (target='clip') or per-frame targets with PADDING (target='frames')."""
+        video = self.videos[index]
+        if self.target == "clip":
+            return torch.from_numpy(span_targets(video, idx[0] / fps, idx[-1] / fps, self.num_classes))
+        out = frame_targets(video, idx / fps, self.num_classes)
+        out[:, (pos < 0) | (pos > n - 1)] = PADDING
+        return torch.from_numpy(out)
+
+    def _test_views(self, index):
+        """(uint8 (K * spatial, 3, T, S, S) temporal-major, {'times' (K, T), 'num_frames', 'fps'})."""
+        k_views = self.temporal_views
+        with self._open(index) as src:
+            n, step = src.num_frames, self._step(src.fps, self.rate)
+            gap = max(n - 1 - (self.frames - 1) * step, 0.0)
+            starts = [round(gap / (k_views - 1) * k) for k in range(k_views)] if k_views > 1 else [int(gap // 2)]
+            pos = np.stack([clip_positions(s, self.frames, step) for s in starts])
+            idx = np.clip(np.floor(pos), 0, n - 1).astype(np.int64)
+            frames = src.read(idx.reshape(-1), min_short_side=self.test_crop)
+            fps = src.fps
+        positions = (0, 1, 2) if self.spatial_views == 3 else (1,)
+        views = [T.to_cthw(T.scale_uniform_crop(clip, self.test_crop, p))
+                 for clip in frames.split(self.frames) for p in positions]
+        times = np.where((pos < 0) | (pos > n - 1), np.nan, idx / fps)
+        return torch.stack(views), {"times": times, "num_frames": n, "fps": fps}
+
+
+def collate_test(batch):
+    """DataLoader collate_fn for test mode: (views (B, V, 3, T, S, S) uint8, labels (B, C) float32,
+    indices (B,) int64, failed indices[, infos]); undecodable videos are dropped and listed in failed.
+    The infos list (per-video dicts) comes only from target='frames' datasets."""
+    good = [s for s in batch if s[0] is not None]
+    failed = [int(s[2]) for s in batch if s[0] is None]
+    views = torch.stack([s[0] for s in good]) if good else torch.empty(0, dtype=torch.uint8)
+    labels = torch.from_numpy(np.stack([s[1] for s in good])) if good else torch.empty(0)
+    indices = torch.tensor([s[2] for s in good], dtype=torch.int64)
+    out = (views, labels, indices, failed)
+    return out + ([s[3] for s in good],) if batch and len(batch[0]) == 4 else out
 
 
 def main(argv=None) -> int:

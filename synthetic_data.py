@@ -37,9 +37,9 @@ on a complete dataset and resumes an interrupted one (finished files are kept); 
 configuration is refused unless `overwrite=True`, which deletes only this generator's own outputs. A
 directory that holds this kind's outputs without this generator's markers is always refused.
 
-Defaults, measured on the 2-core CPU machine (one process, machine shared with other jobs):
-Kinetics 10 classes x (50 train + 10 val) videos of 2 s at 30 fps, 128x96: 600 mp4s, 10.1 MB, 58 s;
-Charades 10 classes, 160 train + 40 test videos of 3-6 s at 24 fps, 128x96: 21,359 JPEGs, 74 MB, 24 s.
+Defaults, measured on the 2-core CPU machine (one process, load average about 4 from other jobs):
+Kinetics 10 classes x (50 train + 10 val) videos of 2 s at 30 fps, 128x96: 600 mp4s, 7.5 MB, 60 s;
+Charades 10 classes, 160 train + 40 test videos of 3-6 s at 24 fps, 128x96: 21,359 JPEGs, 69 MB, 36 s.
 """
 import argparse
 import csv
@@ -104,11 +104,11 @@ TMP_TAG = ".tmp-"
 class Difficulty:
     """How hard the motion task is: speed jitter, distractor objects, pixel noise, idle wobble, contrast."""
 
-    speed_jitter: float = 0.25      # each motion's speed is scaled by U(1 - j, 1 + j)
-    distractors: tuple = (0, 2)     # inclusive range of jitter-only extra objects per video
-    noise: float = 2.0              # std of per-frame Gaussian pixel noise (0..255 scale)
-    idle_motion: float = 1.0        # std of the idle position wobble, pixels (angle: degrees x 2)
-    min_contrast: float = 60.0      # minimum RGB distance between object and background mean colours
+    speed_jitter: float = 0.2       # each motion's speed is scaled by U(1 - j, 1 + j)
+    distractors: tuple = (0, 1)     # inclusive range of jitter-only extra objects per video
+    noise: float = 1.0              # std of per-frame Gaussian pixel noise (0..255 scale)
+    idle_motion: float = 0.6        # std of the idle position wobble, pixels (angle: degrees x 2)
+    min_contrast: float = 75.0      # minimum RGB distance between object and background mean colours
 
 
 DIFFICULTIES = {

@@ -9,6 +9,7 @@ Edit the constants or override any of them on the command line (`--help` lists t
 A run writes everything to logs/<RUN_NAME>/ and resumes from there when restarted.
 """
 import os
+import sys
 import tempfile
 
 import torch
@@ -111,14 +112,17 @@ def fill_preset(cfg) -> None:
 
 
 def demo(cfg) -> None:
-    """Generate the synthetic Kinetics-format dataset and apply DEMO_SETTINGS not set by flags."""
+    """Generate the synthetic Kinetics-format dataset; apply the DEMO_SETTINGS not given as flags."""
     import synthetic_data
-    paths = synthetic_data.make_kinetics(DEMO_DATA)
+    try:
+        paths = synthetic_data.make_kinetics(DEMO_DATA, progress=sys.stderr.isatty())
+    except ValueError as e:
+        raise trainer.SetupError(str(e)) from None
     cfg.train_root, cfg.train_annotations = paths["train_root"], paths["train_csv"]
     cfg.val_root, cfg.val_annotations = paths["val_root"], paths["val_csv"]
     cfg.class_list = paths["classes"]
     for name, value in DEMO_SETTINGS.items():
-        if getattr(cfg, name.lower()) == CONSTANTS[name]:
+        if name.lower() not in cfg.explicit:
             setattr(cfg, name.lower(), value)
 
 

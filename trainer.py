@@ -80,7 +80,11 @@ def parse_config(constants: dict, argv=None, description: str = "") -> argparse.
             parser.add_argument(*flags, default=value, type=type(value))
         else:
             parser.add_argument(*flags, default=value, type=str)
-    return parser.parse_args(argv)
+    cfg = parser.parse_args(argv)
+    given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("-")]
+    actions = parser._option_string_actions
+    cfg.explicit = sorted({actions[a].dest for a in given if a in actions})
+    return cfg
 
 
 def parse_gpus(spec: str) -> list[int]:

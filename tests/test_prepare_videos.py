@@ -117,14 +117,17 @@ def test_bad_files_are_named_with_reasons_written_and_fail_unless_dropped(tree, 
     assert "garbage" not in text and "cut" not in text and "x_y_z" in text
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_an_unreadable_file_is_a_bad_file(tree):
-    path = tree / "abseiling" / "Qq1_000010_000020.mp4"
-    path.chmod(0)
-    try:
-        assert pv.check_video(str(path)) == "file is not readable (permissions)"
-    finally:
-        path.chmod(0o644)
+def test_unreadable_and_vanished_files_are_bad_files(tree):
+    link = tree / "abseiling" / "gone_000000_000010.mp4"
+    link.symlink_to(tree / "nowhere.mp4")
+    assert pv.check_video(str(link)) == "no such file"
+    if os.geteuid() != 0:  # root reads files whatever their mode
+        path = tree / "abseiling" / "Qq1_000010_000020.mp4"
+        path.chmod(0)
+        try:
+            assert pv.check_video(str(path)) == "file is not readable (permissions)"
+        finally:
+            path.chmod(0o644)
 
 
 def test_missing_root_and_empty_tree_are_clear_errors(tmp_path, capsys):
@@ -134,7 +137,7 @@ def test_missing_root_and_empty_tree_are_clear_errors(tmp_path, capsys):
     (tmp_path / "empty" / "label" / "readme.txt").write_text("x")
     assert run_main(tmp_path / "empty") == 2
     err = capsys.readouterr().err
-    assert f"no video file" in err and str(tmp_path / "empty" / "<label>" / "<file>.mp4") in err
+    assert "no video file" in err and str(tmp_path / "empty" / "<label>" / "<file>.mp4") in err
     with pytest.raises(ValueError, match="is the source root"):
         pv.reencode_tree(str(tmp_path), str(tmp_path), [])
 

@@ -357,7 +357,7 @@ def test_motion_classes_need_time(tmp_path):
     """A 3D net on 8-frame clips separates the four directions; the same net on one repeated frame cannot.
 
     The "easy" preset (no distractors or noise) keeps this CPU check to seconds: on "medium" the tiny net needs
-    600 steps for 0.725 (one frame: 0.30), and a single frame holds no more information at any preset.
+    600 steps for 0.70 (one frame: 0.225), and a single frame holds no more information at any preset.
     Measured: 0.875 / 0.825 / 0.95 (seeds 1 / 2 / 3) with time against 0.20 / 0.30 / 0.20 from one frame
     (chance 0.25).
     """

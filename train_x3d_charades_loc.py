@@ -1,0 +1,216 @@
+"""Fine-tune a Kinetics X3D for Charades temporal localization (per-frame multi-label), then test.
+
+    python train_x3d_charades_loc.py -gpu 0,1,2,3 --pretrained models/x3d_m.pt   # the constants below
+    python train_x3d_charades_loc.py --demo              # a synthetic Charades-format dataset, on the CPU
+    python train_x3d_charades_loc.py --eval-only --checkpoint logs/charades_loc_x3d_m/checkpoints/final.pt
+
+Model: X3D with task='loc' (x3d.py): logits (N, C, T), one per input frame. Training clips carry
+per-frame targets (C, T) at the sampled frames' times; frames past either end of the video are
+padding (-1) and are masked out of the loss.
+Loss, as x3d-multigrid (after pytorch-i3d's Charades script): 0.5 x per-frame BCE with logits +
+0.5 x BCE of the time-max-pooled logits against the time-max-pooled targets (padding excluded from
+both the mean and the max).
+Test: TEST_TEMPORAL_VIEWS windows covering the video (PySlowFast Charades placement: the first at
+the start, the last at the end) x TEST_SPATIAL_VIEWS crops; per window the max over crops of the
+per-frame sigmoid scores. Every output frame has a time (frame index / FPS); outputs of overlapping
+windows at the same time are averaged, and the score at any time is the linear interpolation
+between the nearest output times before and after it (held constant before the first and after
+the last). That gives the 25 official points t_j = (j - 1) / 25 * length, scored with the official
+Charades_v1_localize mAP and written as the official submission (`id framenumber score_1 ..
+score_C`), and the dense per-frame mAP of x3d-multigrid / Super-Events (strict bounds, frame times
+f / (frames / length)), reported labelled as such on every FRAME_MAP_STRIDE-th frame.
+Schedule and settings: those of train_x3d_charades.py (PySlowFast's Charades recipe, Multigrid off).
+"""
+import functools
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import charades
+import trainer
+from train_x3d_charades import build_datasets, demo, num_classes, random_baseline
+
+# --------------------------------------------------------------------------- constants (edit me)
+GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
+CPU_PROCESSES = 1        # CPU only: number of gloo processes (tests, debugging DDP)
+DEMO = False             # generate the synthetic Charades-format dataset and train on it
+RUN_NAME = "charades_loc_x3d_m"
+LOG_DIR = "logs"
+RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
+
+FRAMES_ROOT = "/data/charades/Charades_v1_rgb"   # <id>/<id>-000001.jpg at 24 fps (or <id>.mp4)
+TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"
+TEST_ANNOTATIONS = "/data/charades/Charades_v1_test.csv"   # also the clip-level validation set
+CLASS_LIST = "/data/charades/Charades_v1_classes.txt"      # empty: 157 classes, index = code number
+FPS = 24                 # frame rate of the frame folders; RATE counts frames at this rate
+
+X3D_VERSION = "M"        # XS, S, M, L, XL
+PRETRAINED = "models/x3d_m.pt"   # Kinetics (or Charades classification) weights
+FRAMES = 0               # 0: the preset's (XS 4, S 13, M/L/XL 16)
+RATE = 0                 # frame stride at FPS; 0: the preset's (XS 12, S 6, M/L/XL 5)
+CROP = 0                 # train crop; 0: the preset's (160 / 224 / 312)
+TEST_CROP = 0            # 0: the preset's (182 / 256 / 356)
+SHORT_SIDE = []          # train short-side jitter [min, max]; empty: the preset's
+INVERSE_UNIFORM = True   # PySlowFast Charades DATA.INV_UNIFORM_SAMPLE: short side uniform in 1/size
+DROPOUT = 0.5
+
+BATCH_SIZE = 16          # global clips per iteration (split over processes)
+BASE_LR = 0.0375         # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
+LR_REFERENCE_BATCH = 16
+LR_POLICY = "steps_with_relative_lrs"      # or "cosine"
+STEPS = [0, 41, 49]
+MAX_EPOCH = 57
+GAMMA = 0.1
+WARMUP_EPOCHS = 4.0
+WARMUP_START_LR = 0.0001
+MOMENTUM = 0.9
+NESTEROV = True
+WEIGHT_DECAY = 1e-4
+BN_WEIGHT_DECAY = 0.0
+
+LONG_CYCLE = False       # Multigrid long cycle (off for fine-tuning, see train_x3d_charades.py)
+SHORT_CYCLE = False
+EPOCH_FACTOR = 1.5
+BN_BASE_SIZE = 8
+
+PRECISION = "fp32"       # fp32, bf16 (autocast) or fp16 (autocast + grad scaler)
+CHANNELS_LAST = False
+COMPILE = False
+ACTIVATION_CHECKPOINTING = False
+DETERMINISTIC = False
+THREADS = 0
+SEED = 0
+WORKERS = 8
+
+LOG_PERIOD = 20
+EVAL_PERIOD = 6
+CHECKPOINT_PERIOD = 6
+CHECKPOINT_ITERS = 1000
+PRECISE_BN_BATCHES = 200
+TEST_TEMPORAL_VIEWS = 10
+TEST_SPATIAL_VIEWS = 3
+TEST_BATCH = 4
+FRAME_MAP_STRIDE = 4     # dense frame-mAP on every Nth frame (1: every frame; memory grows with it)
+
+EVAL_ONLY = False
+CHECKPOINT = ""
+
+# The demo: X3D-XS fine-tuned from the classification demo's weights (from scratch without them).
+DEMO_SETTINGS = dict(
+    RUN_NAME="demo_charades_loc_x3d_xs", X3D_VERSION="XS",
+    PRETRAINED="logs/demo_charades_x3d_xs/checkpoints/final.pt", FRAMES=8, RATE=6,
+    CROP=48, TEST_CROP=48, SHORT_SIDE=[54, 68], BATCH_SIZE=16, BASE_LR=0.1, LR_REFERENCE_BATCH=16,
+    STEPS=[0, 10, 13], MAX_EPOCH=15, WARMUP_EPOCHS=1.0, WARMUP_START_LR=0.01, WORKERS=2,
+    EVAL_PERIOD=5, CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10,
+    PRECISE_BN_BATCHES=10, TEST_TEMPORAL_VIEWS=4, TEST_SPATIAL_VIEWS=1, DROPOUT=0.3,
+)
+# ------------------------------------------------------------------------------------------------
+
+CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS",))
+
+
+def loss(logits, targets):
+    """0.5 x masked per-frame BCE + 0.5 x BCE of time-max-pooled logits vs targets (padding = -1 excluded)."""
+    logits = logits.float()
+    valid = targets[:, :1] >= 0  # (N, 1, T); padding is marked in every class row
+    truth = targets.clamp(min=0)
+    per_frame = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
+    frame_loss = (per_frame * valid).sum() / (valid.sum() * logits.shape[1])
+    pooled = logits.masked_fill(~valid, torch.finfo(logits.dtype).min).amax(2)
+    video_loss = F.binary_cross_entropy_with_logits(pooled, truth.amax(2))
+    return 0.5 * frame_loss + 0.5 * video_loss
+
+
+def clip_frame_map(scores, targets) -> dict:
+    """Validation: per-frame mAP over the non-padding frames of centre clips (N, C, T), in %."""
+    valid = targets[:, 0] >= 0
+    s, t = scores.permute(1, 0, 2)[:, valid], targets.permute(1, 0, 2)[:, valid]
+    return {"mAP": 100.0 * charades.frame_map(s.numpy(), t.numpy()).map,
+            "protocol": "per-frame mAP of centre clips (not official)"}
+
+
+@torch.no_grad()
+def predict_videos(model, dataset, cfg, d) -> tuple:
+    """Per-video ([index], [(25, C) scores at the official points], [(C, Q) dense scores], failed), all ranks.
+
+    trainer.predict_views aggregates over views, which loses the time of each output; this loop keeps it.
+    """
+    loader = DataLoader(dataset, batch_size=cfg.test_batch, sampler=list(range(d.rank, len(dataset), d.world)),
+                        num_workers=cfg.workers, collate_fn=charades.collate_test)
+    net = trainer._unwrap(model)
+    net.eval()
+    mine, failed = [], []
+    with trainer._autocast(cfg, d):
+        for views, _, index, bad, infos in loader:
+            failed.extend(bad)
+            if len(index) == 0:
+                continue
+            b, v = views.shape[:2]
+            flat = views.reshape(b * v, *views.shape[2:])
+            chunk = cfg.test_batch * 3
+            probs = torch.cat([net.predict(trainer.to_input(flat[i:i + chunk], d, cfg)).float().cpu()
+                               for i in range(0, b * v, chunk)]).double().numpy()
+            probs = probs.reshape(b, cfg.test_temporal_views, cfg.test_spatial_views, *probs.shape[1:]).max(2)
+            for i, p, info in zip(index.tolist(), probs, infos):
+                video = dataset.videos[i]
+                scores = p.transpose(1, 0, 2).reshape(p.shape[1], -1)  # (C, K * T)
+                frames = np.arange(0, info["num_frames"], cfg.frame_map_stride)
+                points = charades.interpolate_scores(info["times"], scores, charades.localization_points(video.length))
+                dense = charades.interpolate_scores(info["times"], scores, frames / info["fps"]).T
+                mine.append((i, points, dense.astype(np.float32), info["num_frames"]))
+    parts = d.gather((mine, failed))
+    rows = sorted((r for p in parts for r in p[0]), key=lambda r: r[0])
+    return rows, sorted(f for p in parts for f in p[1])
+
+
+def test(model, dataset, cfg, d, log, run_dir) -> dict:
+    """Official 25-point localization mAP, the dense frame-mAP (labelled), and the submission file."""
+    protocol = (f"{cfg.test_temporal_views} temporal x {cfg.test_spatial_views} spatial views, "
+                f"{cfg.frames}x{cfg.rate} frames at {cfg.fps:g} fps, crop {cfg.test_crop}; max over crops, "
+                "mean over overlapping windows, linear interpolation in time to the 25 official points")
+    rows, failed = predict_videos(model, dataset, cfg, d)
+    for i in failed:
+        log(f"test: {dataset.path(i)} could not be decoded: scored -inf at its 25 points, as the official "
+            "script scores entries missing from the submission")
+    c = dataset.num_classes
+    points = np.full((len(dataset), charades.LOCALIZATION_POINTS, c), -np.inf)
+    for i, p, _, _ in rows:
+        points[i] = p
+    official = charades.localize_map(points, dataset.videos)
+    dense_scores, dense_targets = [], []
+    for i, _, dense, n in rows:
+        video = dataset.videos[i]
+        times = charades.dense_frame_times(n, video.length)[::cfg.frame_map_stride]
+        dense_scores.append(dense)
+        dense_targets.append(charades.frame_targets(video, times, c, strict=True))
+    dense = charades.frame_map(dense_scores, dense_targets)
+    flat_shape = (c, sum(s.shape[1] for s in dense_scores))
+    results = {
+        "protocol": protocol, "mAP": 100.0 * official.map, "localize_map": official.map,
+        "random_scores_localize_map": random_baseline(charades.localize_map, points.shape, dataset.videos),
+        "frame_map": dense.map, "frame_map_protocol": f"{dense.protocol}, every {cfg.frame_map_stride}th frame",
+        "random_scores_frame_map": random_baseline(charades.frame_map, flat_shape,
+                                                   np.concatenate(dense_targets, axis=1)),
+        "videos": len(dataset), "failed_videos": len(failed),
+        "submission": os.path.join(run_dir, "submission_localize.txt")}
+    log(f"localization test ({protocol}): {official} (uniform random scores "
+        f"{results['random_scores_localize_map']:.6f}); {dense} (random "
+        f"{results['random_scores_frame_map']:.6f}) over {len(dataset)} videos ({len(failed)} undecodable)")
+    if d.main:
+        os.makedirs(run_dir, exist_ok=True)
+        charades.write_localize_submission(results["submission"], [dataset.videos[r[0]].id for r in rows],
+                                           np.stack([r[1] for r in rows]))
+    return results
+
+
+TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(build_datasets, target="frames"),
+                    loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP",
+                    n_classes=num_classes, model_task="loc", multi_label=True,
+                    demo=functools.partial(demo, settings=DEMO_SETTINGS, constants=CONSTANTS))
+
+
+if __name__ == "__main__":
+    trainer.main(TASK, CONSTANTS, description=__doc__)
