@@ -261,10 +261,13 @@ class KineticsDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, annotations, mode="train", *, class_list=None, frames=16, rate=5, crop=224,
                  short_side=(256, 320), inverse_uniform=False, test_crop=None, temporal_views=10,
-                 spatial_views=3, target_fps=30, max_retries=10, seed=0, frame_fps=30.0, log=print):
+                 spatial_views=3, target_fps=30, max_retries=10, seed=0, frame_fps=30.0, random_flip=True,
+                 log=print):
         """Read the annotations, find every video under `root`, log and keep the index report.
 
         `frame_fps` is the rate JPEG frame folders were extracted at (files carry no rate).
+        `random_flip=False` turns off the training flip, for classes that a mirror image swaps
+        (the synthetic dataset's moving left / right, rotating clockwise / counterclockwise).
         """
         if mode not in ("train", "val", "test"):
             raise ValueError(f"mode must be 'train', 'val' or 'test', got {mode!r}")
@@ -281,6 +284,7 @@ class KineticsDataset(torch.utils.data.Dataset):
         self.temporal_views, self.spatial_views = int(temporal_views), int(spatial_views)
         self.target_fps, self.frame_fps = float(target_fps), float(frame_fps)
         self.max_retries, self.seed = int(max_retries), int(seed)
+        self.random_flip = bool(random_flip)
         self._rng, self._rng_owner = None, None
 
         entries = read_annotations(annotations, mode)
@@ -391,7 +395,7 @@ class KineticsDataset(torch.utils.data.Dataset):
         min_size = int(round(self.short_side[0] * crop / self.crop))
         clip = T.random_scale_crop(clip, crop, min_size, max(self.short_side[1], min_size), generator,
                                    self.inverse_uniform)
-        return T.to_cthw(T.random_horizontal_flip(clip, generator))
+        return T.to_cthw(T.random_horizontal_flip(clip, generator) if self.random_flip else clip)
 
     def _test_views(self, index):
         """uint8 (temporal_views * spatial_views, 3, frames, test_crop, test_crop), temporal-major."""

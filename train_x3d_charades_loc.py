@@ -140,10 +140,10 @@ def predict_videos(model, dataset, cfg, d) -> tuple:
     """
     loader = DataLoader(dataset, batch_size=cfg.test_batch, sampler=list(range(d.rank, len(dataset), d.world)),
                         num_workers=cfg.workers, collate_fn=charades.collate_test)
-    net = trainer._unwrap(model)
+    net = trainer.unwrap(model)
     net.eval()
     mine, failed = [], []
-    with trainer._autocast(cfg, d):
+    with trainer.autocast(cfg, d):
         for views, _, index, bad, infos in loader:
             failed.extend(bad)
             if len(index) == 0:

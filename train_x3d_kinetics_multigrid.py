@@ -42,16 +42,17 @@ CROP = 0                 # train crop; 0: the preset's (160 / 224 / 312)
 TEST_CROP = 0            # 0: the preset's (182 / 256 / 356)
 SHORT_SIDE = []          # train short-side jitter [min, max]; empty: the preset's
 DROPOUT = 0.5
+RANDOM_FLIP = True       # training flip; the synthetic demo's classes need it off
 
 BATCH_SIZE = 128         # global clips per iteration at the full shape (split over processes)
 BASE_LR = 0.1            # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
 LR_REFERENCE_BATCH = 128
-LR_POLICY = "steps_with_relative_lrs"      # or "cosine" (long cycle off)
-STEPS = [0, 94, 154, 196]  # PySlowFast's stepwise Multigrid schedule (epochs before Multigrid)
-MAX_EPOCH = 239
-GAMMA = 0.1
-WARMUP_EPOCHS = 0.0
-WARMUP_START_LR = 0.01   # relative to BASE_LR's batch, like BASE_LR
+LR_POLICY = "cosine"     # X3D's recipe; or "steps_with_relative_lrs" (PySlowFast's Multigrid)
+STEPS = [0, 118, 193, 246]  # epochs that place the long cycles (cosine) or the LR steps
+MAX_EPOCH = 300          # before Multigrid rescales it (x epoch factor 1.5 -> 450)
+GAMMA = 0.1              # LR ratio between steps (steps_with_relative_lrs)
+WARMUP_EPOCHS = 35.0
+WARMUP_START_LR = 0.01   # at LR_REFERENCE_BATCH, scaled like BASE_LR
 MOMENTUM = 0.9
 NESTEROV = True
 WEIGHT_DECAY = 5e-5
@@ -86,16 +87,17 @@ PREDICT = ""             # a video file: print its top-5 classes with CHECKPOINT
 
 # The demo: X3D-XS on the synthetic dataset, sized for a 2-core CPU (see README for its numbers).
 DEMO_SETTINGS = dict(
-    RUN_NAME="demo_kinetics_x3d_xs", X3D_VERSION="XS", FRAMES=16, RATE=2, CROP=80, TEST_CROP=96,
-    SHORT_SIDE=[96, 120], BATCH_SIZE=16, BASE_LR=0.2, LR_REFERENCE_BATCH=16,
-    STEPS=[0, 6, 9], MAX_EPOCH=11, WARMUP_EPOCHS=1.0, WORKERS=2, EVAL_PERIOD=100,
-    CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10, PRECISE_BN_BATCHES=10,
-    TEST_TEMPORAL_VIEWS=5, TEST_SPATIAL_VIEWS=3, BN_BASE_SIZE=4, DROPOUT=0.3,
+    RUN_NAME="demo_kinetics_x3d_xs", X3D_VERSION="XS", FRAMES=8, RATE=3, CROP=64, TEST_CROP=64,
+    SHORT_SIDE=[72, 90], BATCH_SIZE=8, BASE_LR=0.1, LR_REFERENCE_BATCH=64, STEPS=[0, 10, 14],
+    MAX_EPOCH=16, WARMUP_EPOCHS=1.0, WORKERS=0, EVAL_PERIOD=4, CHECKPOINT_PERIOD=0,
+    CHECKPOINT_ITERS=100, LOG_PERIOD=10, PRECISE_BN_BATCHES=20, TEST_TEMPORAL_VIEWS=5,
+    TEST_SPATIAL_VIEWS=3, BN_BASE_SIZE=4, DROPOUT=0.3, RANDOM_FLIP=False,
 )
 DEMO_DATA = "data/synthetic_kinetics"
+DEMO_DATASET = dict(num_classes=6, difficulty="easy", train_per_class=60, val_per_class=10)
 # ------------------------------------------------------------------------------------------------
 
-CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA"))
+CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA", "DEMO_DATASET"))
 
 
 def fill_preset(cfg) -> None:
@@ -115,7 +117,7 @@ def demo(cfg) -> None:
     """Generate the synthetic Kinetics-format dataset; apply the DEMO_SETTINGS not given as flags."""
     import synthetic_data
     try:
-        paths = synthetic_data.make_kinetics(DEMO_DATA, progress=sys.stderr.isatty())
+        paths = synthetic_data.make_kinetics(DEMO_DATA, progress=sys.stderr.isatty(), **DEMO_DATASET)
     except ValueError as e:
         raise trainer.SetupError(str(e)) from None
     cfg.train_root, cfg.train_annotations = paths["train_root"], paths["train_csv"]
@@ -136,7 +138,7 @@ def _dataset(cfg, root, annotations, mode, log):
         root, annotations, mode, class_list=cfg.class_list or None, frames=cfg.frames,
         rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
         temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
-        target_fps=cfg.target_fps, seed=cfg.seed, log=log)
+        target_fps=cfg.target_fps, seed=cfg.seed, random_flip=cfg.random_flip, log=log)
 
 
 def build_datasets(cfg, log, test_only=False):

@@ -335,7 +335,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The X3D inside a torch.compile and / or DistributedDataParallel wrapper."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
@@ -344,7 +345,7 @@ def param_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of every parameter's bytes: equal on all ranks when DDP kept them in sync."""
     import hashlib
     h = hashlib.sha1()
-    for p in _unwrap(model).parameters():
+    for p in unwrap(model).parameters():
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -353,7 +354,7 @@ def average_bn_buffers(model: torch.nn.Module, d: Dist) -> None:
     """Make every rank hold the mean BN running statistics (DDP runs without buffer broadcast)."""
     if d.world == 1:
         return
-    for name, buf in _unwrap(model).named_buffers():
+    for name, buf in unwrap(model).named_buffers():
         if buf.is_floating_point() and ("running_mean" in name or "running_var" in name):
             dist.all_reduce(buf)
             buf.div_(d.world)
@@ -369,7 +370,8 @@ def to_input(clips: torch.Tensor, d: Dist, cfg) -> torch.Tensor:
     return x
 
 
-def _autocast(cfg, d: Dist):
+def autocast(cfg, d: Dist):
+    """The autocast context of cfg.precision (a no-op for fp32)."""
     if cfg.precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
@@ -392,9 +394,9 @@ def predict_clips(model, dataset, cfg, d: Dist, batch_size: int):
                         num_workers=cfg.workers, pin_memory=d.device.type == "cuda")
     model.eval()
     indices, scores, targets = [], [], []
-    with _autocast(cfg, d):
+    with autocast(cfg, d):
         for clips, target, index, _failures in loader:
-            scores.append(_unwrap(model).predict(to_input(clips, d, cfg)).float().cpu())
+            scores.append(unwrap(model).predict(to_input(clips, d, cfg)).float().cpu())
             targets.append(target)
             indices.append(index)
     parts = d.gather((torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
@@ -416,9 +418,9 @@ def predict_views(model, dataset, collate, cfg, d: Dist, aggregate: str = "mean"
                         num_workers=cfg.workers, collate_fn=collate,
                         pin_memory=d.device.type == "cuda")
     model.eval()
-    net = _unwrap(model)
+    net = unwrap(model)
     indices, scores, labels, failed = [], [], [], []
-    with _autocast(cfg, d):
+    with autocast(cfg, d):
         for views, label, index, bad in loader:
             failed.extend(int(i) for i in bad)
             if views is None or len(index) == 0:
@@ -477,8 +479,17 @@ def build_model(cfg, task: Task, n_classes: int, log) -> torch.nn.Module:
     if cfg.pretrained:
         if not os.path.exists(cfg.pretrained):
             raise SetupError(f"--pretrained {cfg.pretrained}: no such file")
-        log(f"loaded pretrained weights {cfg.pretrained}: {_load(model, cfg.pretrained)}")
+        log(f"loaded pretrained weights {cfg.pretrained}: {_summary(_load(model, cfg.pretrained))}")
     return model
+
+
+def _summary(report: dict) -> str:
+    """One line from x3d.load_pretrained's report: format, counts, classifier, notes."""
+    text = (f"{report.get('format')} checkpoint, {len(report.get('converted', []))} tensors loaded, "
+            f"{len(report.get('missing', []))} missing")
+    if report.get("classifier_reinitialized"):
+        text += ", classifier re-initialised"
+    return text + "".join(f"; {n}" for n in report.get("notes", []))
 
 
 def _load(model, path: str) -> dict:
@@ -522,9 +533,9 @@ def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:
             for p, i in enumerate(perm.tolist())][d.rank::d.world]
     batches = [reqs[i:i + per_gpu] for i in range(0, len(reqs) - per_gpu + 1, per_gpu)]
     loader = DataLoader(train_ds, batch_sampler=batches, num_workers=cfg.workers)
-    net = _unwrap(model)
+    net = unwrap(model)
     x3d.set_bn_splits(net, 1)
-    with _autocast(cfg, d):
+    with autocast(cfg, d):
         used = x3d.recompute_bn_stats(net, (to_input(b[0], d, cfg) for b in loader), len(batches))
     x3d.set_bn_splits(net, splits)
     average_bn_buffers(model, d)
@@ -535,7 +546,7 @@ def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:
 
 def _checkpoint_state(model, optimizer, scaler, cfg, task: Task, n_classes, epoch, iteration,
                       step, best) -> dict:
-    return {"model": _unwrap(model).state_dict(), "x3d_version": cfg.x3d_version,
+    return {"model": unwrap(model).state_dict(), "x3d_version": cfg.x3d_version,
             "n_classes": n_classes, "task": task.model_task, "multi_label": task.multi_label,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -575,13 +586,16 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         _atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(cfg), indent=2))
     n_classes = task.n_classes(train_ds)
     model = build_model(cfg, task, n_classes, log)
-    plan = make_plan(cfg, d)
+    try:
+        plan = make_plan(cfg, d)
+        sampler = multigrid.MultigridBatchSampler(len(train_ds), plan, rank=d.rank,
+                                                  world_size=d.world, seed=cfg.seed)
+    except ValueError as e:
+        raise SetupError(f"Multigrid settings: {e}") from None
     log("Multigrid plan:\n" + plan.describe(world_size=d.world, num_samples=len(train_ds)))
     if d.main:
         multigrid.plot_schedule(plan, os.path.join(run_dir, "multigrid_schedule.png"),
                                 world_size=d.world, num_samples=len(train_ds))
-    sampler = multigrid.MultigridBatchSampler(len(train_ds), plan, rank=d.rank, world_size=d.world,
-                                              seed=cfg.seed)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=d.device.type == "cuda", persistent_workers=cfg.workers > 0,
                         generator=torch.Generator().manual_seed(cfg.seed),
@@ -707,7 +721,7 @@ def _train_epoch(net, model, loader, optimizer, scaler, plan, cfg, d, task, log,
             group["lr"] = lr
         x = to_input(clips, d, cfg)
         targets = targets.to(d.device, non_blocking=True)
-        with _autocast(cfg, d):
+        with autocast(cfg, d):
             loss = task.loss(net(x), targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -775,7 +789,7 @@ def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
     model = build_model(cfg, task, task.n_classes(test_ds), log)
     if not os.path.exists(cfg.checkpoint):
         raise SetupError(f"--checkpoint {cfg.checkpoint}: no such file")
-    log(f"evaluating {cfg.checkpoint}: {_load(model, cfg.checkpoint)}")
+    log(f"evaluating {cfg.checkpoint}: {_summary(_load(model, cfg.checkpoint))}")
     model.to(d.device)
     results = task.test(model, test_ds, cfg, d, log, run_dir_for(cfg))
     if d.main:
@@ -823,3 +837,7 @@ def main(task: Task, constants: dict, argv=None, description: str = "") -> None:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch.multiprocessing.ProcessExitedException as e:
+        print(f"error: process {e.error_index} exited with code {e.exit_code} (its message is "
+              "above)", file=sys.stderr)
+        sys.exit(e.exit_code or 1)

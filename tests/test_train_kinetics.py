@@ -42,12 +42,12 @@ def base_args(data, log_dir, run_name, **overrides):
         "bn-base-size": 2, "workers": 0, "threads": 1, "log-dir": str(log_dir),
         "run-name": run_name, "precise-bn-batches": 2, "test-temporal-views": 2,
         "test-spatial-views": 1, "test-batch": 2, "eval-period": 2, "log-period": 1,
-        "checkpoint-iters": 3, "checkpoint-period": 0,
+        "checkpoint-iters": 3, "checkpoint-period": 0, "warmup-epochs": 0,
     }
     args.update(overrides)
-    out = [sys.executable, SCRIPT, "--deterministic"]
+    out = [sys.executable, SCRIPT, "--deterministic", "--no-random-flip"]
     for k, v in args.items():
-        out += [f"--{k}", str(v)]
+        out += [f"--no-{k}"] if v is None else [f"--{k}", str(v)]
     return out
 
 
@@ -95,8 +95,6 @@ def test_multigrid_run_kill_resume_and_test(data, tmp_path):
     train = records(run_dir, "train")
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
     assert {(r["frames"], r["crop"]) for r in train} >= {(1, 24), (4, 48)}
-    first, last = train[: len(train) // 4], train[-len(train) // 4:]
-    assert sum(r["loss"] for r in last) / len(last) < sum(r["loss"] for r in first) / len(first)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["videos"] == 6 and "temporal" in results["protocol"]
     assert 0.0 <= results["top1"] <= 100.0
@@ -184,3 +182,26 @@ def test_bad_inputs_give_one_clear_message(data, tmp_path):
     _fails(run(base_args(data, tmp_path, "c", **{"pretrained": str(other)})), str(other))
     if torch.cuda.device_count() == 0:
         _fails(run(base_args(data, tmp_path, "d") + ["-gpu", "0"]), "GPU 0 does not exist")
+
+
+@pytest.mark.slow
+def test_training_loss_falls_on_a_small_training_set(tmp_path):
+    """The trainer learns: on 8 videos (2 classes), constant shape, the loss falls well below ln 2.
+
+    The synthetic classes need motion, which a tiny run cannot learn from scratch in seconds; the
+    8 videos also differ in texture and colour, which the network can memorise, and that is what
+    this checks: gradients, optimizer, LR schedule and data all line up.
+    """
+    import synthetic_data
+    small = synthetic_data.make_kinetics(str(tmp_path / "small"), num_classes=2, train_per_class=4,
+                                         val_per_class=1, seconds=1, size=(64, 48),
+                                         difficulty="easy", seed=2)
+    result = run(base_args(small, tmp_path, "learn", **{
+        "long-cycle": None, "short-cycle": None, "lr-policy": "cosine", "steps": "0",
+        "max-epoch": 30, "base-lr": 0.01, "eval-period": 100, "checkpoint-iters": 0,
+        "dropout": 0.0, "frames": 4, "crop": 32, "test-crop": 32, "short-side": "34,40"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [r["loss"] for r in records(tmp_path / "learn", "train")]
+    assert len(losses) == 60 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert first > 0.6 and last < 0.75 * first, (first, last, losses)
