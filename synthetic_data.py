@@ -102,19 +102,24 @@ TMP_TAG = ".tmp-"
 
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
-    """How hard the motion task is: speed jitter, distractor objects, pixel noise, idle wobble, contrast."""
+    """How hard the motion task is: speed jitter, distractors, noise, idle wobble, contrast, speed, size."""
 
     speed_jitter: float = 0.2       # each motion's speed is scaled by U(1 - j, 1 + j)
     distractors: tuple = (0, 1)     # inclusive range of jitter-only extra objects per video
     noise: float = 1.0              # std of per-frame Gaussian pixel noise (0..255 scale)
     idle_motion: float = 0.6        # std of the idle position wobble, pixels (angle: degrees x 2)
     min_contrast: float = 75.0      # minimum RGB distance between object and background mean colours
+    speed: float = 1.0              # every class motion runs this many times faster
+    size: float = 1.0               # objects are this many times larger
 
 
 DIFFICULTIES = {
     "easy": Difficulty(speed_jitter=0.1, distractors=(0, 0), noise=0.0, idle_motion=0.3, min_contrast=90.0),
     "medium": Difficulty(),
     "hard": Difficulty(speed_jitter=0.4, distractors=(1, 3), noise=6.0, idle_motion=2.5, min_contrast=35.0),
+    # The CPU demo's: large objects moving fast, so X3D-XS learns the motions in minutes from scratch.
+    "demo": Difficulty(speed_jitter=0.1, distractors=(0, 0), noise=0.0, idle_motion=0.3, min_contrast=90.0,
+                       speed=2.0, size=1.6),
 }
 
 
@@ -218,7 +223,7 @@ class _Object:
         short = min(spec.width, spec.height)
         difficulty = spec.difficulty
         self.short, self.motion, self.start, self.end = short, motion, start, end
-        self.base_radius = short * rng.uniform(*BASE_RADIUS)
+        self.base_radius = short * rng.uniform(*BASE_RADIUS) * difficulty.size
         self.harmonics = np.array([[k, a, rng.uniform(0, 2 * math.pi)] for k, a in
                                    ((2, rng.uniform(0.25, 0.4)), (3, rng.uniform(0.0, 0.15)),
                                     (4, rng.uniform(0.0, 0.1)))], np.float32)
@@ -230,7 +235,7 @@ class _Object:
         self.centre = np.array([rng.uniform(self.box[0], self.box[1]), rng.uniform(self.box[2], self.box[3])])
         self.angle = rng.uniform(0, 2 * math.pi)
         self.log_scale = rng.uniform(*LOG_SCALE_RANGE)
-        self.speed = rng.uniform(1 - difficulty.speed_jitter, 1 + difficulty.speed_jitter)
+        self.speed = rng.uniform(1 - difficulty.speed_jitter, 1 + difficulty.speed_jitter) * difficulty.speed
         self.phase = rng.uniform(0, 2 * math.pi)
         self.wobble = self._idle_track(rng, spec)
 

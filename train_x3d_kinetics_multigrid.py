@@ -87,14 +87,14 @@ PREDICT = ""             # a video file: print its top-5 classes with CHECKPOINT
 
 # The demo: X3D-XS on the synthetic dataset, sized for a 2-core CPU (see README for its numbers).
 DEMO_SETTINGS = dict(
-    RUN_NAME="demo_kinetics_x3d_xs", X3D_VERSION="XS", FRAMES=8, RATE=3, CROP=64, TEST_CROP=64,
-    SHORT_SIDE=[72, 90], BATCH_SIZE=8, BASE_LR=0.1, LR_REFERENCE_BATCH=64, STEPS=[0, 10, 14],
-    MAX_EPOCH=16, WARMUP_EPOCHS=1.0, WORKERS=0, EVAL_PERIOD=4, CHECKPOINT_PERIOD=0,
-    CHECKPOINT_ITERS=100, LOG_PERIOD=10, PRECISE_BN_BATCHES=20, TEST_TEMPORAL_VIEWS=5,
+    RUN_NAME="demo_kinetics_x3d_xs", X3D_VERSION="XS", FRAMES=8, RATE=4, CROP=48, TEST_CROP=48,
+    SHORT_SIDE=[52, 64], BATCH_SIZE=8, BASE_LR=0.1, LR_REFERENCE_BATCH=64, STEPS=[0, 25, 35],
+    MAX_EPOCH=40, WARMUP_EPOCHS=2.0, WORKERS=0, EVAL_PERIOD=10, CHECKPOINT_PERIOD=0,
+    CHECKPOINT_ITERS=100, LOG_PERIOD=20, PRECISE_BN_BATCHES=20, TEST_TEMPORAL_VIEWS=5,
     TEST_SPATIAL_VIEWS=3, BN_BASE_SIZE=4, DROPOUT=0.3, RANDOM_FLIP=False,
 )
-DEMO_DATA = "data/synthetic_kinetics"
-DEMO_DATASET = dict(num_classes=6, difficulty="easy", train_per_class=60, val_per_class=10)
+DEMO_DATA = "data/synthetic_kinetics_demo"
+DEMO_DATASET = dict(num_classes=4, difficulty="demo", train_per_class=80, val_per_class=15)
 # ------------------------------------------------------------------------------------------------
 
 CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA", "DEMO_DATASET"))

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import sys
 import time
@@ -65,21 +66,35 @@ def constants_of(namespace: dict, exclude=()) -> dict:
             if k.isupper() and k not in exclude and isinstance(v, (bool, int, float, str, list, tuple))}
 
 
+def _constant_comments() -> dict:
+    """NAME -> the comment on its `NAME = value  # comment` line in the running script."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        pairs = (re.match(r"([A-Z][A-Z0-9_]*) = .*?#\s*(.+)$", line) for line in f)
+        return {m.group(1): m.group(2).strip() for m in pairs if m}
+
+
 def parse_config(constants: dict, argv=None, description: str = "") -> argparse.Namespace:
     """Turn a script's UPPERCASE constants into command-line flags with those defaults; parse argv."""
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = _constant_comments()
     for name, value in constants.items():
         flags = [_flag(name)] + (["-gpu"] if name == "GPU" else [])
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        text = f"{comments.get(name, '')} (default: {shown!r})".strip()
         if isinstance(value, bool):
-            parser.add_argument(*flags, default=value, action=argparse.BooleanOptionalAction)
+            parser.add_argument(*flags, default=value, action=argparse.BooleanOptionalAction,
+                                help=text)
         elif isinstance(value, (list, tuple)):
             parser.add_argument(*flags, default=list(value), type=_parse_list,
-                                metavar="A,B,..")
+                                metavar="A,B,..", help=text)
         elif isinstance(value, (int, float)):
-            parser.add_argument(*flags, default=value, type=type(value))
+            parser.add_argument(*flags, default=value, type=type(value), help=text)
         else:
-            parser.add_argument(*flags, default=value, type=str)
+            parser.add_argument(*flags, default=value, type=str, help=text)
     cfg = parser.parse_args(argv)
     given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("-")]
     actions = parser._option_string_actions
