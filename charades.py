@@ -27,6 +27,7 @@ import torch
 import torch.utils.data
 
 import transforms as T
+import video_io
 from video_io import VIDEO_EXTENSIONS, VideoDecodeError, open_video, read_image_frames
 
 NUM_CLASSES = 157
@@ -733,18 +734,10 @@ class CharadesDataset(torch.utils.data.Dataset):
         if frames < 1 or crop < 1 or max_rate < self.rate:
             raise ValueError(f"bad clip request frames={frames} crop={crop} max_rate={max_rate} "
                              f"(needs frames, crop >= 1 and max_rate >= rate {self.rate})")
-        generator = torch.Generator().manual_seed(seed)
-        failed = []
-        while True:
-            try:
-                clip, target = self._clip(index, frames, crop, max_rate, generator)
-                return clip, target, index, len(failed)
-            except VideoDecodeError as error:
-                failed.append(f"{error.path} ({error.reason})")
-                self.log(f"charades {self.mode}: replacing {error.path}: {error.reason}")
-                if len(failed) >= self.max_retries:
-                    raise RuntimeError(f"{len(failed)} videos in a row failed to decode: " + "; ".join(failed))
-                index = int(torch.randint(len(self), (), generator=generator).item())
+        (clip, target), index, failures = video_io.read_with_retries(
+            lambda i, g: self._clip(i, frames, crop, max_rate, g), index, len(self), seed,
+            self.max_retries, self.log, f"charades {self.mode}")
+        return clip, target, index, failures
 
     def _step(self, video_fps: float, rate: int) -> float:
         """Source frames between two clip frames."""

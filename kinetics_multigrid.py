@@ -20,6 +20,7 @@ import torch
 import torch.utils.data
 
 import transforms as T
+import video_io
 from video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoDecodeError, open_video
 
 from multigrid import ClipRequest  # noqa: F401 - the request type; any object with its five fields works
@@ -365,18 +366,10 @@ class KineticsDataset(torch.utils.data.Dataset):
         if frames < 1 or crop < 1 or max_rate < self.rate:
             raise ValueError(f"bad clip request frames={frames} crop={crop} max_rate={max_rate} "
                              f"(needs frames, crop >= 1 and max_rate >= rate {self.rate})")
-        generator = torch.Generator().manual_seed(seed)
-        failed = []
-        while True:
-            try:
-                return self._clip(index, frames, crop, max_rate, generator), self.label(index), index, len(failed)
-            except VideoDecodeError as error:
-                failed.append(f"{error.path} ({error.reason})")
-                self.log(f"kinetics {self.mode}: replacing {error.path}: {error.reason}")
-                if len(failed) >= self.max_retries:
-                    raise RuntimeError(f"{len(failed)} videos in a row failed to decode: " + "; ".join(failed)
-                                       + ". Check the dataset (prepare_videos.py tests every file).") from None
-                index = int(torch.randint(len(self), (), generator=generator).item())
+        clip, index, failures = video_io.read_with_retries(
+            lambda i, g: self._clip(i, frames, crop, max_rate, g), index, len(self), seed,
+            self.max_retries, self.log, f"kinetics {self.mode}")
+        return clip, self.label(index), index, failures
 
     def _clip(self, index, frames, crop, max_rate, generator):
         """uint8 (3, frames, crop, crop) from video `index` (train: random; val: centre)."""

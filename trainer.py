@@ -649,6 +649,9 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         net = torch.compile(net)
 
+    def snapshot(e: int, i: int, s: int) -> dict:
+        return _checkpoint_state(model, optimizer, scaler, cfg, task, n_classes, e, i, s, best)
+
     phase = None
     totals = {"failures": 0, "dropped": 0}
     t_start = time.time()
@@ -665,11 +668,10 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         totals["dropped"] += sampler.dropped_in_epoch(epoch) if iteration == 0 else 0
         step = _train_epoch(net, model, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
                             iteration, n_iter, step, totals,
-                            save=lambda e, i, s: save_checkpoint(
-                                last_path, _checkpoint_state(model, optimizer, scaler, cfg, task,
-                                                             n_classes, e, i, s, best)))
+                            save=lambda e, i, s: save_checkpoint(last_path, snapshot(e, i, s)))
         epoch, iteration = epoch + 1, 0
-        if val_ds is not None and (epoch % cfg.eval_period == 0 or epoch == plan.max_epoch):
+        due = cfg.eval_period and epoch % cfg.eval_period == 0
+        if val_ds is not None and (due or epoch == plan.max_epoch):
             _precise_bn(model, train_ds, cfg, d, epoch, phase.bn_splits)
             _, scores, targets = predict_clips(net, val_ds, cfg, d, cfg.batch_size // d.world)
             metrics = task.val_metrics(scores, targets)
@@ -680,16 +682,13 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
                 best = metrics[task.primary]
                 if d.main:
                     save_checkpoint(os.path.join(run_dir, "checkpoints", "best.pt"),
-                                    _checkpoint_state(model, optimizer, scaler, cfg, task,
-                                                      n_classes, epoch, 0, step, best))
+                                    snapshot(epoch, 0, step))
         average_bn_buffers(model, d)
         if d.main:
-            save_checkpoint(last_path, _checkpoint_state(model, optimizer, scaler, cfg, task,
-                                                         n_classes, epoch, 0, step, best))
+            save_checkpoint(last_path, snapshot(epoch, 0, step))
             if cfg.checkpoint_period and epoch % cfg.checkpoint_period == 0:
                 save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:04d}.pt"),
-                                _checkpoint_state(model, optimizer, scaler, cfg, task, n_classes,
-                                                  epoch, 0, step, best))
+                                snapshot(epoch, 0, step))
             log.plot()
         d.barrier()
     fingerprints = d.gather(param_fingerprint(model))
@@ -703,9 +702,8 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
     _precise_bn(model, train_ds, cfg, d, plan.max_epoch, plan.phase(plan.max_epoch - 1).bn_splits)
     if d.main:
         save_checkpoint(os.path.join(run_dir, "checkpoints", "final.pt"),
-                        {k: v for k, v in _checkpoint_state(
-                            model, optimizer, scaler, cfg, task, n_classes, epoch, 0, step,
-                            best).items() if k not in ("optimizer", "scaler", "rng")})
+                        {k: v for k, v in snapshot(epoch, 0, step).items()
+                         if k not in ("optimizer", "scaler", "rng")})
     if test_ds is not None:
         results = task.test(net, test_ds, cfg, d, log, run_dir)
         if d.main:

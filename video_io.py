@@ -334,3 +334,25 @@ def open_video(path, frame_fps=30.0):
     if not os.path.exists(path):
         raise VideoDecodeError(path, "no such file or folder")
     return VideoFile(path)
+
+
+def read_with_retries(read, index, count, seed, max_retries, log, what):
+    """Call `read(index, generator)`; an undecodable video is replaced by another one, counted.
+
+    The replacement index is drawn from the same seeded generator, so the substitute does not
+    depend on the worker either. Returns (result, index actually read, failures); after
+    `max_retries` failures in a row a RuntimeError lists them.
+    """
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    failed = []
+    while True:
+        try:
+            return read(index, generator), index, len(failed)
+        except VideoDecodeError as error:
+            failed.append(f"{error.path} ({error.reason})")
+            log(f"{what}: replacing {error.path}: {error.reason}")
+            if len(failed) >= max_retries:
+                raise RuntimeError(f"{len(failed)} videos in a row failed to decode: " + "; ".join(failed)
+                                   + ". Check the dataset (prepare_videos.py tests every file).") from None
+            index = int(torch.randint(count, (), generator=generator).item())
