@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import kinetics_multigrid
 import trainer
+import transforms
 import x3d
 
 # --------------------------------------------------------------------------- constants (edit me)
@@ -191,26 +192,27 @@ def predict(cfg) -> None:
         raise trainer.SetupError(f"--predict needs --checkpoint PATH (got {cfg.checkpoint!r})")
     if not os.path.exists(cfg.predict):
         raise trainer.SetupError(f"--predict {cfg.predict}: no such file")
-    classes_from = cfg.class_list or cfg.train_annotations
     with tempfile.TemporaryDirectory() as tmp:
         listing = os.path.join(tmp, "predict.txt")
         with open(listing, "w") as f:
             f.write(f"{os.path.abspath(cfg.predict)} 0\n")
         dataset = kinetics_multigrid.KineticsDataset(
-            "/", listing, "test", class_list=classes_from if cfg.class_list else None,
-            frames=cfg.frames, rate=cfg.rate, crop=cfg.crop, test_crop=cfg.test_crop,
-            temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
+            "/", listing, "test", frames=cfg.frames, rate=cfg.rate, crop=cfg.crop,
+            test_crop=cfg.test_crop, temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
             target_fps=cfg.target_fps, log=lambda m: None)
         ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
         n_classes = ckpt.get("n_classes", 400) if isinstance(ckpt, dict) else 400
         model = x3d.generate_model(cfg.x3d_version, n_classes=n_classes)
-        x3d.load_pretrained(model, ckpt)
+        try:
+            x3d.load_pretrained(model, ckpt)
+        except ValueError as e:
+            raise trainer.SetupError(f"{cfg.checkpoint}: {e}") from None
         views, _, _ = dataset[0]
         if views is None:
             raise trainer.SetupError(f"--predict {cfg.predict}: the video could not be decoded")
         model.eval()
         with torch.no_grad():
-            probs = model.predict(trainer.transforms.normalize(views)).mean(0)
+            probs = model.predict(transforms.normalize(views)).mean(0)
     names = _class_names(cfg, n_classes)
     top = probs.topk(min(5, n_classes))
     print(f"{cfg.predict}:")
@@ -219,11 +221,12 @@ def predict(cfg) -> None:
 
 
 def _class_names(cfg, n_classes) -> list[str]:
+    """Class names from CLASS_LIST, else from the training annotations, else the indices."""
     if cfg.class_list and os.path.exists(cfg.class_list):
-        with open(cfg.class_list) as f:
-            return [line.strip() for line in f if line.strip()]
+        return kinetics_multigrid.read_class_list(cfg.class_list)
     if os.path.exists(cfg.train_annotations):
-        return kinetics_multigrid.read_annotations(cfg.train_annotations).classes
+        entries = kinetics_multigrid.read_annotations(cfg.train_annotations)
+        return kinetics_multigrid.assign_labels(entries)[0]
     return [str(i) for i in range(n_classes)]
 
 
