@@ -28,6 +28,7 @@ import torch.utils.data
 
 import transforms as T
 import video_io
+from multigrid import check_request
 from video_io import VIDEO_EXTENSIONS, VideoDecodeError, open_video, read_image_frames
 
 NUM_CLASSES = 157
@@ -729,11 +730,7 @@ class CharadesDataset(torch.utils.data.Dataset):
 
     def _with_retries(self, index, frames, crop, max_rate, seed):
         """One clip; an undecodable video is replaced by one drawn from the same generator (counted)."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} outside 0..{len(self) - 1}")
-        if frames < 1 or crop < 1 or max_rate < self.rate:
-            raise ValueError(f"bad clip request frames={frames} crop={crop} max_rate={max_rate} "
-                             f"(needs frames, crop >= 1 and max_rate >= rate {self.rate})")
+        check_request(index, frames, crop, max_rate, len(self), self.rate)
         (clip, target), index, failures = video_io.read_with_retries(
             lambda i, g: self._clip(i, frames, crop, max_rate, g), index, len(self), seed,
             self.max_retries, self.log, f"charades {self.mode}")

@@ -23,7 +23,7 @@ import transforms as T
 import video_io
 from video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoDecodeError, open_video
 
-from multigrid import ClipRequest  # noqa: F401 - the request type; any object with its five fields works
+from multigrid import ClipRequest, check_request  # noqa: F401 - ClipRequest: the request type; any object with its five fields works
 
 CSV_COLUMNS = ("youtube_id", "time_start", "time_end")
 JSON_SUBSETS = {"train": ("training", "train"), "val": ("validation", "val"), "test": ("validation", "val")}
@@ -361,11 +361,7 @@ class KineticsDataset(torch.utils.data.Dataset):
 
     def _with_retries(self, index, frames, crop, max_rate, seed):
         """One clip; an undecodable video is replaced by a sample drawn from the same generator."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} outside 0..{len(self) - 1}")
-        if frames < 1 or crop < 1 or max_rate < self.rate:
-            raise ValueError(f"bad clip request frames={frames} crop={crop} max_rate={max_rate} "
-                             f"(needs frames, crop >= 1 and max_rate >= rate {self.rate})")
+        check_request(index, frames, crop, max_rate, len(self), self.rate)
         clip, index, failures = video_io.read_with_retries(
             lambda i, g: self._clip(i, frames, crop, max_rate, g), index, len(self), seed,
             self.max_retries, self.log, f"kinetics {self.mode}")

@@ -60,6 +60,15 @@ class Phase(NamedTuple):
     shapes: tuple
 
 
+def check_request(index: int, frames: int, crop: int, max_rate: int, count: int, rate: int) -> None:
+    """A dataset's check of one request: index in range, positive shape, max_rate >= its base rate."""
+    if not 0 <= index < count:
+        raise IndexError(f"index {index} outside 0..{count - 1}")
+    if frames < 1 or crop < 1 or max_rate < rate:
+        raise ValueError(f"bad clip request frames={frames} crop={crop} max_rate={max_rate} "
+                         f"(needs frames, crop >= 1 and max_rate >= rate {rate})")
+
+
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     """Per-sample seed in [0, 2**63) from (run seed, epoch, global position); splitmix64 mixing."""
     state = 0
