@@ -637,8 +637,11 @@ class CharadesDataset(torch.utils.data.Dataset):
 
     def __init__(self, frames_root, annotations, mode="train", *, classes=None, frames=16, rate=5, crop=224,
                  short_side=(256, 320), test_crop=None, temporal_views=10, spatial_views=3, fps=FPS,
-                 target="clip", inverse_uniform=False, max_retries=10, seed=0, log=print):
-        """Read the CSV (and class list), find every video under frames_root, log the index report."""
+                 target="clip", inverse_uniform=False, max_retries=10, seed=0, random_flip=True, log=print):
+        """Read the CSV (and class list), find every video under frames_root, log the index report.
+
+        `random_flip=False` turns off the training flip, for classes that a mirror image swaps.
+        """
         if mode not in ("train", "val", "test"):
             raise ValueError(f"mode must be 'train', 'val' or 'test', got {mode!r}")
         if target not in ("clip", "frames"):
@@ -655,6 +658,7 @@ class CharadesDataset(torch.utils.data.Dataset):
         self.test_crop = int(test_crop or crop)
         self.temporal_views, self.spatial_views = int(temporal_views), int(spatial_views)
         self.fps, self.max_retries, self.seed = float(fps), int(max_retries), int(seed)
+        self.random_flip = bool(random_flip)
         self.classes = read_classes(classes) if classes else None
         self.num_classes = len(self.classes) if self.classes else NUM_CLASSES
         listed = read_charades_csv(annotations, self.classes)
@@ -761,7 +765,8 @@ class CharadesDataset(torch.utils.data.Dataset):
         min_size = int(round(self.short_side[0] * crop / self.crop))
         clip = T.random_scale_crop(clip, crop, min_size, max(self.short_side[1], min_size), generator,
                                    self.inverse_uniform)
-        return T.to_cthw(T.random_horizontal_flip(clip, generator)), target
+        clip = T.random_horizontal_flip(clip, generator) if self.random_flip else clip
+        return T.to_cthw(clip), target
 
     def _target(self, index, pos, idx, n, fps):
         """span_targets over the frames read (target='clip') or per-frame targets with PADDING (target='frames')."""

@@ -54,6 +54,7 @@ TEST_CROP = 0            # 0: the preset's (182 / 256 / 356)
 SHORT_SIDE = []          # train short-side jitter [min, max]; empty: the preset's
 INVERSE_UNIFORM = True   # PySlowFast Charades DATA.INV_UNIFORM_SAMPLE: short side uniform in 1/size
 DROPOUT = 0.5
+RANDOM_FLIP = True       # training flip; the synthetic demo's classes need it off
 
 BATCH_SIZE = 16          # global clips per iteration (split over processes)
 BASE_LR = 0.0375         # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
@@ -103,7 +104,7 @@ DEMO_SETTINGS = dict(
     CROP=48, TEST_CROP=48, SHORT_SIDE=[54, 68], BATCH_SIZE=16, BASE_LR=0.1, LR_REFERENCE_BATCH=16,
     STEPS=[0, 10, 13], MAX_EPOCH=15, WARMUP_EPOCHS=1.0, WARMUP_START_LR=0.01, WORKERS=2,
     EVAL_PERIOD=5, CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10,
-    PRECISE_BN_BATCHES=10, TEST_TEMPORAL_VIEWS=3, TEST_SPATIAL_VIEWS=1, DROPOUT=0.3,
+    PRECISE_BN_BATCHES=10, RANDOM_FLIP=False, TEST_TEMPORAL_VIEWS=3, TEST_SPATIAL_VIEWS=1, DROPOUT=0.3,
 )
 DEMO_DATA = "data/synthetic_charades"
 # ------------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ DEMO_DATA = "data/synthetic_charades"
 CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA"))
 
 
-def demo(cfg, settings=DEMO_SETTINGS, constants=CONSTANTS) -> None:
+def demo(cfg, settings=DEMO_SETTINGS) -> None:
     """Generate the synthetic Charades-format dataset and apply `settings` not set by flags."""
     import synthetic_data
     try:
@@ -121,7 +122,7 @@ def demo(cfg, settings=DEMO_SETTINGS, constants=CONSTANTS) -> None:
     cfg.frames_root, cfg.class_list = paths["frames_root"], paths["classes"]
     cfg.train_annotations, cfg.test_annotations = paths["train_csv"], paths["test_csv"]
     for name, value in settings.items():
-        if getattr(cfg, name.lower()) == constants[name]:
+        if name.lower() not in cfg.explicit:
             setattr(cfg, name.lower(), value)
     if cfg.pretrained == settings.get("PRETRAINED") and not os.path.exists(cfg.pretrained):
         print(f"demo: {cfg.pretrained} not found (run the demo that writes it first to start from "
@@ -142,7 +143,8 @@ def _dataset(cfg, annotations_flag, mode, target, log):
         cfg.frames_root, annotations, mode, classes=cfg.class_list or None, frames=cfg.frames,
         rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
         temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views, fps=cfg.fps,
-        target=target, inverse_uniform=cfg.inverse_uniform, seed=cfg.seed, log=log)
+        target=target, inverse_uniform=cfg.inverse_uniform, seed=cfg.seed,
+        random_flip=cfg.random_flip, log=log)
 
 
 def build_datasets(cfg, log, test_only=False, target="clip"):
@@ -213,7 +215,7 @@ def num_classes(dataset) -> int:
 
 TASK = trainer.Task(name="charades", build_datasets=build_datasets, loss=loss, val_metrics=clip_map,
                     test=test, primary="mAP", n_classes=num_classes, multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS, constants=CONSTANTS))
+                    demo=functools.partial(demo, settings=DEMO_SETTINGS))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ TEST_CROP = 0            # 0: the preset's (182 / 256 / 356)
 SHORT_SIDE = []          # train short-side jitter [min, max]; empty: the preset's
 INVERSE_UNIFORM = True   # PySlowFast Charades DATA.INV_UNIFORM_SAMPLE: short side uniform in 1/size
 DROPOUT = 0.5
+RANDOM_FLIP = True       # training flip; the synthetic demo's classes need it off
 
 BATCH_SIZE = 16          # global clips per iteration (split over processes)
 BASE_LR = 0.0375         # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
@@ -106,6 +107,7 @@ DEMO_SETTINGS = dict(
     STEPS=[0, 10, 13], MAX_EPOCH=15, WARMUP_EPOCHS=1.0, WARMUP_START_LR=0.01, WORKERS=2,
     EVAL_PERIOD=5, CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10,
     PRECISE_BN_BATCHES=10, TEST_TEMPORAL_VIEWS=4, TEST_SPATIAL_VIEWS=1, DROPOUT=0.3,
+    RANDOM_FLIP=False,
 )
 # ------------------------------------------------------------------------------------------------
 
@@ -209,7 +211,7 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
 TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(build_datasets, target="frames"),
                     loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP",
                     n_classes=num_classes, model_task="loc", multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS, constants=CONSTANTS))
+                    demo=functools.partial(demo, settings=DEMO_SETTINGS))
 
 
 if __name__ == "__main__":

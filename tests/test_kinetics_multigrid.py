@@ -175,6 +175,23 @@ def test_train_rate_is_drawn_from_base_to_max_rate_and_clips_follow_the_seed(kin
     assert torch.equal(ds[request][0], ds[SimpleNamespace(**request._asdict())][0])  # duck typing
 
 
+def test_random_flip_off_keeps_every_clip_unmirrored(tmp_path):
+    """Same requests with and without the flip: equal, or mirrored where the flip was drawn."""
+    import synthetic_data
+    k = synthetic_data.make_kinetics(str(tmp_path / "k"), num_classes=1, train_per_class=1,
+                                     val_per_class=1, seconds=1, size=(64, 48), seed=3)
+    flipping, plain = (KineticsDataset(k["train_root"], k["train_csv"], "train", frames=4, rate=2,
+                                       crop=32, short_side=(48, 48), random_flip=flip,
+                                       log=lambda line: None) for flip in (True, False))
+    mirrored = 0
+    for seed in range(12):
+        request = ClipRequest(0, 4, 32, 2, seed)
+        a, b = flipping[request][0], plain[request][0]
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
+        mirrored += not torch.equal(a, b)
+    assert 0 < mirrored < 12
+
+
 def test_train_clips_do_not_depend_on_the_worker(kinetics):
     ds = dataset(kinetics, frames=4)
     requests = [ClipRequest(i, 4, 64, 10, 1000 + i) for i in (0, 1, 2, 3, 5, 1)]
