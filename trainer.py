@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import random
 import re
@@ -32,7 +31,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import multigrid
@@ -666,7 +664,7 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         sampler.set_epoch(epoch, start_iteration=iteration)
         n_iter = sampler.iterations_in_epoch(epoch)
         totals["dropped"] += sampler.dropped_in_epoch(epoch) if iteration == 0 else 0
-        step = _train_epoch(net, model, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
+        step = _train_epoch(net, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
                             iteration, n_iter, step, totals,
                             save=lambda e, i, s: save_checkpoint(last_path, snapshot(e, i, s)))
         epoch, iteration = epoch + 1, 0
@@ -716,7 +714,7 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
     return results
 
 
-def _train_epoch(net, model, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
+def _train_epoch(net, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
                  start_iteration, n_iter, step, totals, save) -> int:
     """One (possibly partial) epoch; returns the global step after it."""
     from tqdm import tqdm
@@ -768,7 +766,8 @@ def _train_epoch(net, model, loader, optimizer, scaler, plan, cfg, d, task, log,
 
 def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips, totals) -> None:
     """Log the mean loss and throughput of the last iterations; stop on a non-finite loss."""
-    bad = bool(d.sum([float(window["bad"].item())])[0])
+    bad, loss, failures = d.sum([float(window["bad"].item()), window["loss"].item() / window["n"],
+                                 float(totals["failures"])])
     if bad:
         raise FloatingPointError(
             f"non-finite loss at epoch {epoch}, within the {window['n']} iterations before "
@@ -776,7 +775,6 @@ def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips
             f"({os.path.join(run_dir_for(cfg), 'checkpoints', 'last.pt')}) holds the last good "
             "state. Lower --base-lr, lengthen --warmup-epochs or check the data, then rerun to "
             "resume from it.")
-    loss, failures = d.sum([window["loss"].item() / window["n"], float(totals["failures"])])
     elapsed = time.time() - window["t0"]
     rec = {"kind": "train", "step": step, "epoch": epoch, "iteration": iteration,
            "epoch_float": epoch + iteration / n_iter, "loss": loss / d.world, "lr": lr,
