@@ -116,7 +116,7 @@ def demo(cfg, settings=DEMO_SETTINGS) -> None:
     """Generate the synthetic Charades-format dataset and apply `settings` not set by flags."""
     import synthetic_data
     try:
-        paths = synthetic_data.make_charades(DEMO_DATA)
+        paths = synthetic_data.make_charades(DEMO_DATA, overwrite=True)
     except ValueError as e:
         raise trainer.SetupError(f"{e}; delete {DEMO_DATA} to regenerate it") from None
     cfg.frames_root, cfg.class_list = paths["frames_root"], paths["classes"]

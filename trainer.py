@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import random
@@ -36,6 +37,11 @@ from torch.utils.data import DataLoader
 import multigrid
 import transforms
 import x3d
+
+# training_curves.png is redrawn after an epoch only when this many seconds passed since the last
+# drawing, and always at the end: a drawing costs about 0.3 s, and an epoch of an early Multigrid
+# phase can take less than that.
+PLOT_INTERVAL_S = 60.0
 
 
 class SetupError(Exception):
@@ -241,14 +247,15 @@ class RunLog:
         self._text.write(line + "\n")
 
     def metric(self, record: dict) -> None:
-        """Append one record to metrics.jsonl (and TensorBoard)."""
+        """Append one record, stamped with its wall-clock `time` (Unix s), to metrics.jsonl (and TensorBoard)."""
         if not self.active:
             return
+        record = {**record, "time": round(time.time(), 4)}
         with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None and "step" in record:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                if isinstance(value, (int, float)) and key not in ("step", "epoch", "time"):
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
 
     def records(self) -> list[dict]:
@@ -567,6 +574,36 @@ def _checkpoint_state(model, optimizer, scaler, cfg, task: Task, n_classes, epoc
             "rng": rng_state(), "config": vars(cfg)}
 
 
+class _EpochChain(torch.utils.data.Sampler):
+    """The batches of every epoch from a start (epoch, iteration) to max_epoch, in one pass.
+
+    The trainer iterates its DataLoader once over this chain and takes each epoch's batches from
+    it, so workers keep prefetching across epoch ends, evaluations and Multigrid shape changes.
+    Iterating the loader once per epoch instead restarts the pipeline every epoch: the first batch
+    of an epoch then waits for one worker to decode all of it (a Multigrid phase-0 batch of 1152
+    X3D-S clips: seconds) while the other workers have nothing to do.
+    """
+
+    def __init__(self, sampler: multigrid.MultigridBatchSampler, max_epoch: int):
+        self.sampler, self.max_epoch = sampler, max_epoch
+        self.epoch, self.iteration = 0, 0
+
+    def start(self, epoch: int, iteration: int) -> None:
+        """Where the next pass begins (0, 0, or a resumed position)."""
+        self.epoch, self.iteration = epoch, iteration
+
+    def __len__(self) -> int:
+        """Batches in one pass."""
+        epochs = range(self.epoch, self.max_epoch)
+        return sum(self.sampler.iterations_in_epoch(e) for e in epochs) - self.iteration
+
+    def __iter__(self):
+        """Yield each epoch's remaining batches (lists of ClipRequest), epoch after epoch."""
+        for epoch in range(self.epoch, self.max_epoch):
+            self.sampler.set_epoch(epoch, self.iteration if epoch == self.epoch else 0)
+            yield from iter(self.sampler)
+
+
 def run_dir_for(cfg) -> str:
     """logs/<run name>: the folder that holds everything a run writes, and what resume reads."""
     return os.path.join(cfg.log_dir, cfg.run_name)
@@ -609,8 +646,9 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
     if d.main:
         multigrid.plot_schedule(plan, os.path.join(run_dir, "multigrid_schedule.png"),
                                 world_size=d.world, num_samples=len(train_ds))
-    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
-                        pin_memory=d.device.type == "cuda", persistent_workers=cfg.workers > 0,
+    epochs = _EpochChain(sampler, plan.max_epoch)
+    loader = DataLoader(train_ds, batch_sampler=epochs, num_workers=cfg.workers,
+                        pin_memory=d.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed),
                         prefetch_factor=4 if cfg.workers > 0 else None)
     optimizer = torch.optim.SGD(x3d.parameter_groups(model, cfg.weight_decay, cfg.bn_weight_decay),
@@ -652,7 +690,9 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
 
     phase = None
     totals = {"failures": 0, "dropped": 0}
-    t_start = time.time()
+    t_start = plotted = time.time()
+    epochs.start(epoch, iteration)
+    batches = iter(loader)  # one pass over all remaining epochs (see _EpochChain)
     while epoch < plan.max_epoch:
         if plan.phase(epoch) != phase:
             phase = plan.phase(epoch)
@@ -661,11 +701,10 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
                 f"per-GPU batch {phase.per_gpu_batch}, {phase.frames} frames, crop {phase.crop}, "
                 f"BN splits {phase.bn_splits}, until epoch {phase.end_epoch}")
             log.metric({"kind": "phase", "step": step, "epoch": epoch, **phase._asdict()})
-        sampler.set_epoch(epoch, start_iteration=iteration)
         n_iter = sampler.iterations_in_epoch(epoch)
         totals["dropped"] += sampler.dropped_in_epoch(epoch) if iteration == 0 else 0
-        step = _train_epoch(net, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
-                            iteration, n_iter, step, totals,
+        step = _train_epoch(net, itertools.islice(batches, n_iter - iteration), optimizer, scaler,
+                            plan, cfg, d, task, log, epoch, iteration, n_iter, step, totals,
                             save=lambda e, i, s: save_checkpoint(last_path, snapshot(e, i, s)))
         epoch, iteration = epoch + 1, 0
         due = cfg.eval_period and epoch % cfg.eval_period == 0
@@ -687,8 +726,11 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
             if cfg.checkpoint_period and epoch % cfg.checkpoint_period == 0:
                 save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:04d}.pt"),
                                 snapshot(epoch, 0, step))
-            log.plot()
+            if time.time() - plotted >= PLOT_INTERVAL_S:
+                log.plot()
+                plotted = time.time()
         d.barrier()
+    del batches, loader  # stops the training workers before the final evaluation
     fingerprints = d.gather(param_fingerprint(model))
     log.metric({"kind": "ranks", "step": step, "param_fingerprints": fingerprints})
     if len(set(fingerprints)) > 1:
@@ -780,7 +822,8 @@ def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips
            "epoch_float": epoch + iteration / n_iter, "loss": loss / d.world, "lr": lr,
            "batch": clips.shape[0], "frames": clips.shape[2], "crop": clips.shape[-1],
            "clips_per_s": window["clips"] / max(elapsed, 1e-9),
-           "data_wait": window["wait"] / max(elapsed, 1e-9), "decode_failures": int(failures)}
+           "data_wait": window["wait"] / max(elapsed, 1e-9), "decode_failures": int(failures),
+           "window_s": elapsed}
     if d.device.type == "cuda":
         rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
     log.metric(rec)

@@ -1,5 +1,6 @@
 """synthetic_data.py: real formats, determinism, manifests, visible class motion, and that the task needs time."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -381,3 +382,21 @@ def test_motion_classes_need_time(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert moving > 0.7 and single < 0.5, (moving, single)
+
+
+def test_actors_put_several_objects_in_the_class_motion():
+    """difficulty.actors = 3: each Kinetics video holds three objects, all moving the class's way."""
+    difficulty = dataclasses.replace(sd.DIFFICULTIES["easy"], actors=3)
+    videos = sd.plan_kinetics(classes=["moving left", "moving right"], train_per_class=4, val_per_class=1,
+                              seconds=1, fps=30, size=(128, 96), difficulty=difficulty, seed=5)
+    for video in videos:
+        assert video["spec"].actions == ((video["label"], 0.0, 1.0),) * 3
+        frames = sd.render_video(video["spec"]).astype(np.float32)
+        background = sd.render_video(video["spec"], draw_objects=False)[0].astype(np.float32)
+        covered = (np.abs(frames[0] - background).max(-1) > 30).mean()
+        one = sd.render_video(dataclasses.replace(video["spec"], actions=video["spec"].actions[:1]))[0]
+        assert covered > 1.5 * (np.abs(one.astype(np.float32) - background).max(-1) > 30).mean(), video["label"]
+        steps = np.abs(np.diff(frames, axis=0)).sum(-1)  # (T-1, H, W) motion energy
+        columns = (steps * np.arange(128)).sum((1, 2)) / steps.sum((1, 2))
+        shift = np.median(np.diff(columns))
+        assert shift * (1 if video["label"] == "moving right" else -1) > 0, (video["label"], shift)
