@@ -217,6 +217,15 @@ def launch(fn: Callable, cfg) -> None:
 
 # ------------------------------------------------------------------------------------ run folder
 
+def read_metrics(run_dir: str) -> list[dict]:
+    """Every record of a run folder's metrics.jsonl ([] before the first one is written)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class RunLog:
     """The run folder: plain-text log, JSON-lines metrics, TensorBoard events and PNG plots (rank 0)."""
 
@@ -260,11 +269,7 @@ class RunLog:
 
     def records(self) -> list[dict]:
         """Every record in metrics.jsonl."""
-        path = os.path.join(self.dir, "metrics.jsonl")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_metrics(self.dir)
 
     def truncate_after(self, step: int) -> None:
         """Drop records written after `step` by a run that was killed (they are replayed on resume)."""

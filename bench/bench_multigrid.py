@@ -159,11 +159,16 @@ def run_flags(name: str) -> list[str]:
     return ["--no-long-cycle", "--no-short-cycle"] if name == "constant" else ["--long-cycle", "--short-cycle"]
 
 
-def plan_of(flags: list[str]) -> multigrid.MultigridPlan:
-    """The Multigrid plan the trainer will build from these flags (its own parser and preset rules)."""
+def config_of(flags: list[str]):
+    """The config the trainer resolves from these flags (its own parser and preset rules)."""
     cfg = trainer.parse_config(kinetics.CONSTANTS, flags)
     kinetics.fill_preset(cfg)
-    return trainer.make_plan(cfg, trainer.Dist())
+    return cfg
+
+
+def plan_of(flags: list[str]) -> multigrid.MultigridPlan:
+    """The Multigrid plan the trainer will build from these flags."""
+    return trainer.make_plan(config_of(flags), trainer.Dist())
 
 
 def train_run(args, name: str, flags: list[str]) -> dict:
@@ -196,15 +201,14 @@ def multiview_test(flags: list[str], checkpoint: str, log_dir: str) -> dict:
         return json.load(f)
 
 
-def read_records(run_dir: str) -> list[dict]:
-    """metrics.jsonl of a run."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _shape(phase: dict) -> tuple:
     """(per-GPU batch, frames, crop) of a phase record."""
     return phase["per_gpu_batch"], phase["frames"], phase["crop"]
+
+
+def _step_shape(record: dict) -> tuple:
+    """(per-GPU batch, frames, crop) of a train record."""
+    return record["batch"], record["frames"], record["crop"]
 
 
 def timeline(records: list[dict]) -> dict:
@@ -227,7 +231,7 @@ def timeline(records: list[dict]) -> dict:
         out.append({"epoch": e, "start": first["time"] - first["window_s"], "end": rs[-1]["time"],
                     "eval_s": val_time[e + 1] - rs[-1]["time"] if e + 1 in val_time else 0.0,
                     "first_window_s": first["window_s"], "first_wait_s": first["data_wait"] * first["window_s"],
-                    "first_iterations": first["iteration"], "shape": (first["batch"], first["frames"], first["crop"]),
+                    "first_iterations": first["iteration"], "shape": _step_shape(first),
                     "records": rs})
     for prev, cur in itertools.pairwise(out):
         cur["bookkeeping_s"] = cur["start"] - prev["end"] - prev["eval_s"]
@@ -250,9 +254,8 @@ def step_profile(epochs: list[dict]) -> dict:
     for ep in epochs:
         for before, r in itertools.pairwise(ep["records"]):
             n = r["iteration"] - before["iteration"]
-            key = (r["batch"], r["frames"], r["crop"])
-            compute.setdefault(key, []).append((1 - r["data_wait"]) * r["window_s"] / n)
-            wait.setdefault(key, []).append(r["data_wait"] * r["window_s"] / n)
+            compute.setdefault(_step_shape(r), []).append((1 - r["data_wait"]) * r["window_s"] / n)
+            wait.setdefault(_step_shape(r), []).append(r["data_wait"] * r["window_s"] / n)
     return {k: (_median(compute[k]), _median(wait[k])) for k in compute}
 
 
@@ -308,7 +311,7 @@ def _mean(values):
 
 def summarize(name: str, run_dir: str, process: dict, tests: dict) -> dict:
     """One run's numbers from its metrics.jsonl and checkpoint tests."""
-    records = read_records(run_dir)
+    records = trainer.read_metrics(run_dir)
     tl = timeline(records)
     train = [r for r in records if r["kind"] == "train"]
     last = tl["epochs"][-1]
@@ -482,8 +485,7 @@ def main(argv=None) -> int:
         runs[name] = finish_run(args, name, argv[name], trained[name])
     runs = {name: runs[name] for name in RUNS if name in runs}
     target = compare(runs)
-    cfg = trainer.parse_config(kinetics.CONSTANTS, flags)
-    kinetics.fill_preset(cfg)
+    cfg = config_of(flags)
     protocol = (f"{cfg.test_temporal_views} temporal x {cfg.test_spatial_views} spatial views, "
                 f"{cfg.frames}x{cfg.rate} frames, crop {cfg.test_crop}, mean of softmax")
     result = {"bench": "bench_multigrid", **setup(args, data_s, protocol), "target_top1": target, "runs": runs}

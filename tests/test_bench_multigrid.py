@@ -15,6 +15,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 
 import bench_multigrid as bm
+import trainer
 
 RUN_KEYS = ("returncode", "process_s", "wall_s", "wall_with_evals_s", "evals_s", "epochs", "iterations", "clips",
             "data_wait", "peak_gpu_mem_gb", "final_top1", "evaluations", "phases", "epoch_starts", "reach_s",
@@ -104,7 +105,7 @@ def test_png_table_and_run_folders_are_written(tiny):
     assert [line.split("|")[1].strip() for line in lines[2:]] == list(bm.RUNS)
     assert result["table"] in stdout and result["table"] in (out / "bench_multigrid.md").read_text()
     for name in bm.RUNS:
-        records = bm.read_records(str(out / name))
+        records = trainer.read_metrics(str(out / name))
         train = [r for r in records if r["kind"] == "train"]
         assert train and all(_finite(r["time"]) and _finite(r["window_s"]) for r in train)
         assert not list((out / name / "checkpoints").glob("epoch_*.pt"))  # tested, then removed
