@@ -23,6 +23,9 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
+_INEXACT = object()  # VideoFile._decode: skipping frames cannot give this read exactly
+
+
 class VideoDecodeError(Exception):
     """A video file, frame folder or frame image that cannot be decoded; names the path and why."""
 
@@ -101,15 +104,21 @@ class VideoFile(_Source):
             raise VideoDecodeError(self.path, f"cannot demux ({error})") from None
         return count
 
-    def _frame_index(self, frame):
-        """Frame index of a decoded frame from its timestamp (time-based, so variable-rate safe)."""
-        return int(round((frame.pts - self._start_pts) * self._time_base * self.fps))
+    def _index_of(self, pts):
+        """Frame index of a timestamp (time-based, so variable-rate safe)."""
+        return int(round((pts - self._start_pts) * self._time_base * self.fps))
 
     def read(self, indices, *, min_short_side=None):
         """Frames at `indices` (any order, repeats allowed) as uint8 (T, H, W, 3).
 
-        Seeks to the keyframe before the first needed frame and decodes only up to the last one.
-        Indices past the end of the stream repeat its last frame (a short video is padded).
+        Seeks to the keyframe before the first needed frame and decodes only up to the last one;
+        on the way, packets of frames that are not needed are handed to the decoder with
+        `skip_frame = NONREF`, so the decoder drops them when no other frame refers to them
+        (x264's non-reference B-frames: 84 of the 182 frames a 13x6 window of a 250-keyframe
+        340x256 clip used to decode, 25% less decoding time). Frames that other frames refer to
+        are always decoded, so every returned frame is exactly what a full decode gives; if a
+        wanted index has no frame of its own (variable rate, or past the end of the stream, where
+        the last frame is repeated: a short video is padded), the read is redone without skipping.
         `.frames_decoded` then holds how many frames the decoder produced (the cost of the read).
         With `min_short_side`, frames at least twice that size are shrunk by an integer factor
         during colour conversion, keeping the short side >= min_short_side.
@@ -123,21 +132,39 @@ class VideoFile(_Source):
         self.frames_decoded = 0
         factor = shrink_factor(min(self.width, self.height), min_short_side)
         size = {"width": self.width // factor, "height": self.height // factor} if factor > 1 else {}
+        got = None
         try:
-            got = self._decode(wanted, size, seek=True)
+            got = self._decode(wanted, size, seek=True, skip=True)
+            if got is _INEXACT:
+                got = self._decode(wanted, size, seek=True, skip=False)
         except av.error.FFmpegError:
             got = None  # some containers cannot seek: decode from the start instead
         try:
             if got is None:  # the seek failed or landed after the first wanted frame
-                got = self._decode(wanted, size, seek=False)
+                got = self._decode(wanted, size, seek=False, skip=False)
         except av.error.FFmpegError as error:
             raise VideoDecodeError(self.path, f"decoding failed ({error})") from None
         if got is None or not got:
             raise VideoDecodeError(self.path, f"no frame decoded for indices {wanted[0]}..{wanted[-1]}")
         return torch.from_numpy(np.stack([got[i] for i in indices]))
 
-    def _decode(self, wanted, size, seek):
-        """Map each wanted index to an RGB array; None when a seek landed after wanted[0]."""
+    def _packets(self, wanted, skip):
+        """The stream's packets from the current position; with `skip`, each packet's frame is
+        marked droppable (NONREF) unless its index is wanted or unknown."""
+        codec = self._stream.codec_context
+        wanted = set(wanted)
+        try:
+            for packet in self._container.demux(self._stream):
+                if skip:
+                    known = packet.pts is not None
+                    codec.skip_frame = "NONREF" if known and self._index_of(packet.pts) not in wanted else "DEFAULT"
+                yield packet
+        finally:
+            codec.skip_frame = "DEFAULT"
+
+    def _decode(self, wanted, size, seek, skip):
+        """Map each wanted index to an RGB array; None when a seek landed after wanted[0];
+        _INEXACT when frames were skipped and a wanted index had no frame of its own."""
         first = wanted[0]
         target = self._start_pts + int(first / self.fps / self._time_base) if seek else self._start_pts
         self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
@@ -150,24 +177,29 @@ class VideoFile(_Source):
             return cache[1]
 
         index = -1
-        for frame in self._container.decode(self._stream):
-            self.frames_decoded += 1
-            if frame.pts is None and seek:
-                return None  # no timestamps: only counting frames from the start tells the index
-            index = index + 1 if frame.pts is None else self._frame_index(frame)
-            if previous is None and seek and 0 < first < index:
-                return None
-            # a wanted index without a frame of its own (variable rate) takes the last earlier frame
-            while pending < len(wanted) and wanted[pending] < index:
-                got[wanted[pending]] = rgb(previous if previous is not None else frame)
-                pending += 1
-            if pending < len(wanted) and wanted[pending] == index:
-                got[index] = rgb(frame)
-                pending += 1
-            previous = frame
-            if pending == len(wanted):
-                return got
-        if previous is not None:  # past the end of the stream: repeat its last frame
+        for packet in self._packets(wanted, skip):
+            for frame in packet.decode():
+                self.frames_decoded += 1
+                if frame.pts is None and seek:
+                    return None  # no timestamps: only counting frames from the start tells the index
+                index = index + 1 if frame.pts is None else self._index_of(frame.pts)
+                if previous is None and seek and 0 < first < index:
+                    return None
+                # a wanted index without a frame of its own (variable rate) takes the last earlier frame
+                while pending < len(wanted) and wanted[pending] < index:
+                    if skip:
+                        return _INEXACT  # that earlier frame may have been dropped
+                    got[wanted[pending]] = rgb(previous if previous is not None else frame)
+                    pending += 1
+                if pending < len(wanted) and wanted[pending] == index:
+                    got[index] = rgb(frame)
+                    pending += 1
+                previous = frame
+                if pending == len(wanted):
+                    return got
+        if previous is not None and pending < len(wanted):  # past the end: repeat the last frame
+            if skip:
+                return _INEXACT
             for index in wanted[pending:]:
                 got[index] = rgb(previous)
         return got
@@ -202,6 +234,22 @@ def _natural_key(name):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+_DIGITS_TO_ZERO = str.maketrans("123456789", "000000000")
+
+
+def natural_sorted(names):
+    """`names` in natural order (frame_2.jpg before frame_10.jpg).
+
+    When every name has the same template (zero-padded numbers, as frame extractors write them:
+    `<id>-000001.jpg`), plain string order is natural order and is used; it is about 10x cheaper
+    than the natural key, which matters because a frame folder is listed for every clip.
+    """
+    names = list(names)
+    if len(set("\n".join(names).translate(_DIGITS_TO_ZERO).split("\n"))) <= 1:
+        return sorted(names)
+    return sorted(names, key=_natural_key)
+
+
 def list_frame_files(folder):
     """Sorted image paths of a JPEG frame folder; raises VideoDecodeError when there are none."""
     try:
@@ -210,7 +258,8 @@ def list_frame_files(folder):
         raise VideoDecodeError(folder, f"cannot list frame folder ({error.strerror})") from None
     if not names:
         raise VideoDecodeError(folder, f"frame folder holds no {'/'.join(IMAGE_EXTENSIONS)} files")
-    return [os.path.join(folder, name) for name in sorted(names, key=_natural_key)]
+    folder = folder if folder.endswith(os.sep) else folder + os.sep
+    return [folder + name for name in natural_sorted(names)]
 
 
 def _read_bytes(path):
@@ -222,15 +271,23 @@ def _read_bytes(path):
         raise VideoDecodeError(path, f"cannot read ({error.strerror})") from None
 
 
+def _jpeg_header(data):
+    """(height, width) of JPEG bytes when simplejpeg can read them, else None."""
+    if simplejpeg is None or not simplejpeg.is_jpeg(data):
+        return None
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        return height, width
+    except ValueError:
+        return None
+
+
 def image_size(path):
     """(width, height) of one frame image, read from its header only; raises VideoDecodeError."""
     data = _read_bytes(path)
-    if simplejpeg is not None and simplejpeg.is_jpeg(data):
-        try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            return width, height
-        except ValueError:
-            pass
+    header = _jpeg_header(data)
+    if header is not None:
+        return header[1], header[0]
     return _pillow_open(path, data).size
 
 
@@ -244,24 +301,26 @@ def _pillow_open(path, data):
         raise VideoDecodeError(path, f"not a readable image ({error})") from None
 
 
-def decode_image(path, min_short_side=None):
+def decode_image(path, min_short_side=None, out=None):
     """One frame image as uint8 (H, W, 3): simplejpeg, Pillow as the fallback.
 
     With `min_short_side`, an image at least twice that size is shrunk in the decoder by 2, 4 or 8
     (libjpeg-turbo scaled IDCT / Pillow `draft`), keeping the short side >= min_short_side.
+    `out`, a C-contiguous uint8 (H, W, 3) array, receives the pixels when the image decodes to
+    exactly that shape (no copy); the returned array is then `out`.
     """
     data = _read_bytes(path)
-    if simplejpeg is not None and simplejpeg.is_jpeg(data):
+    header = _jpeg_header(data)
+    if header is not None:
+        factor = shrink_factor(min(header), min_short_side)
+        scaled = {} if factor == 1 else dict(min_factor=factor, min_height=min(header) // factor,
+                                             min_width=min(header) // factor)
+        fits = out is not None and out.shape == (-(-header[0] // factor), -(-header[1] // factor), 3)
         try:
-            short, factor = 0, 1
-            if min_short_side:
-                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-                short = min(height, width)
-                factor = shrink_factor(short, min_short_side)
-            if factor == 1:
-                return simplejpeg.decode_jpeg(data, colorspace="RGB")
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=factor,
-                                          min_height=short // factor, min_width=short // factor)
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out if fits else None, **scaled)
+            if fits and image.shape != out.shape:  # a scaled size other than ceil(size / factor)
+                image = image.copy()
+            return out if fits and image.shape == out.shape else image
         except ValueError:
             pass  # e.g. a CMYK or progressive-corrupt file: let Pillow try and report
     image = _pillow_open(path, data)
@@ -278,21 +337,29 @@ def decode_image(path, min_short_side=None):
 def read_image_frames(paths, *, min_short_side=None):
     """uint8 (T, H, W, 3) from a list of frame image paths (repeats decoded once).
 
-    All frames must share one size; an unreadable frame raises VideoDecodeError naming its file.
+    Frames after the first are decoded straight into the output array. All frames must share one
+    size; an unreadable frame raises VideoDecodeError naming its file.
     """
     paths = [str(path) for path in paths]
     if not paths:
         raise ValueError("read_image_frames needs at least one path")
-    decoded = {}
-    for path in paths:
-        if path not in decoded:
-            decoded[path] = decode_image(path, min_short_side)
-    shape = decoded[paths[0]].shape
-    for path, image in decoded.items():
-        if image.shape != shape:
+    first = decode_image(paths[0], min_short_side)
+    frames = np.empty((len(paths),) + first.shape, np.uint8)
+    frames[0] = first
+    decoded = {paths[0]: 0}
+    for t, path in enumerate(paths[1:], start=1):
+        if path in decoded:
+            frames[t] = frames[decoded[path]]
+            continue
+        slot = frames[t]
+        image = decode_image(path, min_short_side, out=slot)
+        if image.shape != first.shape:
             raise VideoDecodeError(path, f"frame size {image.shape[1]}x{image.shape[0]} differs from "
-                                         f"{shape[1]}x{shape[0]} of {paths[0]}")
-    return torch.from_numpy(np.stack([decoded[path] for path in paths]))
+                                         f"{first.shape[1]}x{first.shape[0]} of {paths[0]}")
+        if image is not slot:
+            slot[:] = image
+        decoded[path] = t
+    return torch.from_numpy(frames)
 
 
 def fps_resample_indices(num_frames, fps, target_fps):

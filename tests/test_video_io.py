@@ -40,13 +40,14 @@ def flat_number(clip_frame):
     return int(round((float(torch.as_tensor(clip_frame).double().mean()) - 20) / 3))
 
 
-def encode_video(path, num_frames, width=340, height=256, gop=250, fps=30, make=coded_frame):
-    """Write an H.264 file (yuv420p, fixed keyframe interval `gop`) whose frame i is make(i, w, h)."""
+def encode_video(path, num_frames, width=340, height=256, gop=250, fps=30, make=coded_frame, preset="ultrafast"):
+    """Write an H.264 file (yuv420p, fixed keyframe interval `gop`) whose frame i is make(i, w, h);
+    x264's ultrafast preset has no B-frames, veryfast has 3 with a B-pyramid (some are references)."""
     container = av.open(str(path), "w")
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     stream.codec_context.gop_size = gop
-    stream.options = {"crf": "16", "preset": "ultrafast", "sc_threshold": "0", "keyint_min": str(gop)}
+    stream.options = {"crf": "16", "preset": preset, "sc_threshold": "0", "keyint_min": str(gop)}
     for i in range(num_frames):
         for packet in stream.encode(av.VideoFrame.from_ndarray(make(i, width, height), format="rgb24")):
             container.mux(packet)
@@ -96,6 +97,29 @@ def test_seek_goes_to_the_keyframe_before_and_stops_after_the_last_frame(videos)
         assert video.frames_decoded == 250  # the only keyframe before 249 is frame 0
         video.read([260])
         assert video.frames_decoded == 11  # keyframe 250 .. 260
+
+
+def _every_frame(path):
+    """All frames of a video, decoded from the start with nothing skipped: uint8 (N, H, W, 3)."""
+    with av.open(path) as container:
+        return torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]))
+
+
+def test_unneeded_non_reference_frames_are_skipped_without_changing_any_frame(tmp_path):
+    path = encode_video(tmp_path / "bframes.mp4", 120, gop=250, preset="veryfast")
+    with av.open(path) as container:
+        kinds = [av.video.frame.PictureType(frame.pict_type) for frame in container.decode(video=0)]
+    assert kinds.count(av.video.frame.PictureType.B) > 40  # the test needs B-frames, some of which no frame refers to
+    full = _every_frame(path)
+    with video_io.VideoFile(path) as video:
+        for indices in ([100], list(range(30, 90, 6)), [7, 7, 64, 3], [118, 119]):
+            frames = video.read(indices)
+            assert torch.equal(frames, full[indices])  # bit-exact: only unreferenced frames were dropped
+        video.read(list(range(30, 90, 6)))
+        assert video.frames_decoded < 85  # of the 85 frames 0..84 a plain decode produces
+        frames = video.read([110, 130])  # past the end the last frame, which may be unreferenced
+        assert torch.equal(frames, full[[110, 119]])
+        assert video.frames_decoded > 120  # so the read was redone without skipping
 
 
 def test_video_info_and_indices_past_the_end_repeat_the_last_frame(videos):
@@ -180,3 +204,24 @@ def test_fps_resample_indices():
     assert video_io.fps_resample_indices(4, 24, 30).tolist() == [0, 0, 1, 2, 3]
     with pytest.raises(ValueError, match="positive"):
         video_io.fps_resample_indices(4, 0, 30)
+
+
+def test_natural_sort_takes_plain_order_only_when_every_name_has_one_template():
+    padded = [f"abc-{i:06d}.jpg" for i in (10, 2, 300, 1)]
+    assert video_io.natural_sorted(padded) == [f"abc-{i:06d}.jpg" for i in (1, 2, 10, 300)]
+    assert video_io.natural_sorted(["f10.jpg", "f2.jpg", "f1.jpg"]) == ["f1.jpg", "f2.jpg", "f10.jpg"]
+    # same length, digits in different places: plain order would put x12 first
+    assert video_io.natural_sorted(["x12", "x1a"]) == ["x1a", "x12"]
+    assert video_io.natural_sorted(["b1", "a22", "a3"]) == ["a3", "a22", "b1"]
+
+
+def test_frames_decode_into_one_array_and_repeats_are_copies(tmp_path):
+    paths = write_jpeg_folder(tmp_path / "f", 4, 64, 48)
+    frames = video_io.read_image_frames([paths[2], paths[0], paths[2], paths[1]])
+    singles = [video_io.decode_image(p) for p in (paths[2], paths[0], paths[2], paths[1])]
+    assert frames.is_contiguous() and torch.equal(frames, torch.from_numpy(np.stack(singles)))
+    slot = np.zeros((24, 32, 3), np.uint8)  # 2x shrink lands in a matching buffer
+    assert video_io.decode_image(paths[1], min_short_side=24, out=slot) is slot
+    assert np.array_equal(slot, video_io.decode_image(paths[1], min_short_side=24))
+    wrong = np.zeros((10, 10, 3), np.uint8)  # a buffer of another shape is left alone
+    assert video_io.decode_image(paths[1], out=wrong).shape == (48, 64, 3) and not wrong.any()
