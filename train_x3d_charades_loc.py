@@ -102,11 +102,11 @@ CHECKPOINT = ""
 # The demo: X3D-XS fine-tuned from the classification demo's weights (from scratch without them).
 DEMO_SETTINGS = dict(
     RUN_NAME="demo_charades_loc_x3d_xs", X3D_VERSION="XS",
-    PRETRAINED="logs/demo_charades_x3d_xs/checkpoints/final.pt", FRAMES=8, RATE=6,
-    CROP=48, TEST_CROP=48, SHORT_SIDE=[54, 68], BATCH_SIZE=16, BASE_LR=0.1, LR_REFERENCE_BATCH=16,
-    STEPS=[0, 10, 13], MAX_EPOCH=15, WARMUP_EPOCHS=1.0, WARMUP_START_LR=0.01, WORKERS=2,
+    PRETRAINED="logs/demo_charades_x3d_xs/checkpoints/final.pt", FRAMES=8, RATE=3,
+    CROP=48, TEST_CROP=48, SHORT_SIDE=[48, 56], BATCH_SIZE=16, BASE_LR=0.05, LR_REFERENCE_BATCH=16,
+    STEPS=[0, 10, 13], MAX_EPOCH=15, WARMUP_EPOCHS=1.0, WARMUP_START_LR=0.01, WORKERS=0,
     EVAL_PERIOD=5, CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10,
-    PRECISE_BN_BATCHES=10, TEST_TEMPORAL_VIEWS=4, TEST_SPATIAL_VIEWS=1, DROPOUT=0.3,
+    PRECISE_BN_BATCHES=10, TEST_TEMPORAL_VIEWS=4, TEST_SPATIAL_VIEWS=1, DROPOUT=0.0,
     RANDOM_FLIP=False,
 )
 # ------------------------------------------------------------------------------------------------

@@ -152,12 +152,13 @@ class VideoFile(_Source):
         """The stream's packets from the current position; with `skip`, each packet's frame is
         marked droppable (NONREF) unless its index is wanted or unknown."""
         codec = self._stream.codec_context
+        codec.skip_frame = "DEFAULT"
         wanted = set(wanted)
         try:
             for packet in self._container.demux(self._stream):
                 if skip:
-                    known = packet.pts is not None
-                    codec.skip_frame = "NONREF" if known and self._index_of(packet.pts) not in wanted else "DEFAULT"
+                    needed = packet.pts is None or self._index_of(packet.pts) in wanted
+                    codec.skip_frame = "DEFAULT" if needed else "NONREF"
                 yield packet
         finally:
             codec.skip_frame = "DEFAULT"

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import gc
 import importlib.util
+import math
 import os
 import resource
 import sys
@@ -278,13 +279,20 @@ def bench(args, device):
                     continue
                 if variant == "pytorchvideo":
                     baseline = clips
-                row.update({"clips/s": f"{clips:.1f}", "ms/step": f"{ms:.1f}",
+                row.update({"clips/s": significant(clips), "ms/step": significant(ms),
                             "peak GiB": "n/a" if peak is None else f"{peak:.2f}",
                             "vs pytorchvideo": "n/a" if baseline is None else f"{clips / baseline:.2f}x",
                             "of floor": f"{100 * clips / floor[precision]:.3g}%"})
                 print(f"X3D-{version} {precision} {variant}: {clips:.1f} clips/s", file=sys.stderr, flush=True)
                 rows.append(row)
     return rows, floors
+
+
+def significant(value):
+    """`value` with at least three significant digits and one decimal, never in exponent form, so a
+    ratio of two printed rates is as exact as the printed ratio (CPU rates are a few clips/s)."""
+    decimals = max(1, 2 - math.floor(math.log10(value))) if value > 0 else 1
+    return f"{value:.{decimals}f}"
 
 
 def _setup_line(args, device):

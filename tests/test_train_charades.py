@@ -21,12 +21,13 @@ OFFICIAL = {"classify": "classify_map", "localize": "localize_map"}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A small synthetic Charades-format dataset: 2 easy motion classes, 64x48 frames, 1.5-2 s videos."""
+    """A small synthetic Charades-format dataset: 2 motion classes at the demos' speed and size, 64x48
+    frames, 1.5-2 s videos."""
     import synthetic_data
     return synthetic_data.make_charades(str(tmp_path_factory.mktemp("c") / "charades"),
                                         classes=["moving left", "moving right"], train_videos=16,
                                         test_videos=8, seconds=(1.5, 2.0), size=(64, 48),
-                                        difficulty="easy", seed=3)
+                                        difficulty="demo", seed=3)
 
 
 def base_args(kind, data, log_dir, run_name, **overrides):
@@ -35,8 +36,8 @@ def base_args(kind, data, log_dir, run_name, **overrides):
         "frames-root": data["frames_root"], "train-annotations": data["train_csv"],
         "test-annotations": data["test_csv"], "class-list": data["classes"], "pretrained": "",
         "x3d-version": "XS", "frames": 8, "rate": 4, "crop": 32, "test-crop": 32,
-        "short-side": "36,44", "batch-size": 4, "lr-reference-batch": 4, "base-lr": 0.1,
-        "steps": "0,5", "max-epoch": 6, "warmup-epochs": 0.5, "warmup-start-lr": 0.01,
+        "short-side": "36,44", "batch-size": 4, "lr-reference-batch": 4, "base-lr": 0.05,
+        "steps": "0,10", "max-epoch": 12, "warmup-epochs": 0.5, "warmup-start-lr": 0.01,
         "dropout": 0.0, "workers": 0, "threads": 1, "log-dir": str(log_dir), "run-name": run_name,
         "precise-bn-batches": 2, "test-temporal-views": 2, "test-spatial-views": 1,
         "test-batch": 4, "eval-period": 3, "log-period": 2, "checkpoint-iters": 0,
@@ -72,7 +73,7 @@ def train_score_resume(kind, data, tmp_path, run_name, **overrides):
         assert (run_dir / name).exists(), name
     train = records(run_dir, "train")
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
-    assert [r["epoch"] for r in records(run_dir, "val")] == [3, 6]
+    assert [r["epoch"] for r in records(run_dir, "val")] == [3, 6, 9, 12]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["videos"] == 8 and results["failed_videos"] == 0
     scored = run([sys.executable, os.path.join(ROOT, "charades.py"), kind, "--annotations",
@@ -83,7 +84,7 @@ def train_score_resume(kind, data, tmp_path, run_name, **overrides):
 
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from" in again.stdout and "resumed at epoch 6" in again.stdout
+    assert "resuming from" in again.stdout and "resumed at epoch 12" in again.stdout
     assert len(records(run_dir, "train")) == len(train)  # nothing retrained
     assert json.loads((run_dir / "results.json").read_text())[OFFICIAL[kind]] == results[OFFICIAL[kind]]
     return results
@@ -93,8 +94,12 @@ def train_score_resume(kind, data, tmp_path, run_name, **overrides):
 def test_classify_then_localize_train_resume_and_submissions_score_the_same(data, tmp_path):
     """Classification from scratch, then localization fine-tuned from its final.pt (the usual order).
 
-    24 iterations of 4 clips: classification of left vs right motion learns it; localization from
-    scratch does not in that budget (0.57 vs 0.53 random measured), fine-tuned it does (0.65).
+    48 iterations of 4 clips at LR 0.05, on the "demo" difficulty (2x speed, 1.6x objects). With
+    the old budget (24 iterations at LR 0.1, "easy" difficulty) this learned left vs right on one
+    machine (mAP 1.000 vs 0.806 random) and not on another (0.905: the trajectory depends on the
+    CPU's floating-point path, as the Kinetics demo's does); the localization fine-tune at LR 0.1
+    for 48 iterations went below random (0.46 vs 0.53). Measured with these settings on the second
+    machine: classification 0.958 vs 0.806, localization 0.734 vs 0.535.
     """
     cls = train_score_resume("classify", data, tmp_path, "cls")
     assert cls["classify_map"] > cls["random_scores_map"] + 0.1, cls
