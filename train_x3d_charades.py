@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 import charades
 import trainer
-import train_x3d_kinetics_multigrid
-from train_x3d_kinetics_multigrid import fill_preset
+from train_x3d_kinetics_multigrid import DEMO_DATASET as kinetics_demo_dataset, fill_preset
 
 # --------------------------------------------------------------------------- constants (edit me)
 GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
@@ -109,7 +108,7 @@ DEMO_SETTINGS = dict(
     EVAL_PERIOD=5, CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10,
     PRECISE_BN_BATCHES=10, RANDOM_FLIP=False, TEST_TEMPORAL_VIEWS=10, TEST_SPATIAL_VIEWS=1, DROPOUT=0.0,
 )
-DEMO_DATASET = dict(num_classes=train_x3d_kinetics_multigrid.DEMO_DATASET["num_classes"], difficulty="demo")
+DEMO_DATASET = dict(num_classes=kinetics_demo_dataset["num_classes"], difficulty="demo")
 DEMO_DATA = "data/synthetic_charades"
 # ------------------------------------------------------------------------------------------------
 

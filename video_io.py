@@ -132,7 +132,6 @@ class VideoFile(_Source):
         self.frames_decoded = 0
         factor = shrink_factor(min(self.width, self.height), min_short_side)
         size = {"width": self.width // factor, "height": self.height // factor} if factor > 1 else {}
-        got = None
         try:
             got = self._decode(wanted, size, seek=True, skip=True)
             if got is _INEXACT:
@@ -319,9 +318,10 @@ def decode_image(path, min_short_side=None, out=None):
         fits = out is not None and out.shape == (-(-header[0] // factor), -(-header[1] // factor), 3)
         try:
             image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out if fits else None, **scaled)
-            if fits and image.shape != out.shape:  # a scaled size other than ceil(size / factor)
-                image = image.copy()
-            return out if fits and image.shape == out.shape else image
+            if not fits:
+                return image
+            # a scaled size other than ceil(size / factor) landed in `out` laid out wrongly: copy it out
+            return out if image.shape == out.shape else image.copy()
         except ValueError:
             pass  # e.g. a CMYK or progressive-corrupt file: let Pillow try and report
     image = _pillow_open(path, data)
