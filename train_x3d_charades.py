@@ -79,6 +79,7 @@ PRECISION = "fp32"       # fp32, bf16 (autocast) or fp16 (autocast + grad scaler
 CHANNELS_LAST = False
 COMPILE = False
 ACTIVATION_CHECKPOINTING = False
+FAST_DEPTHWISE = True    # CPU: x3d_kernels.py's faster depthwise-conv backward (PyTorch's grads to rounding)
 DETERMINISTIC = False
 THREADS = 0              # torch intra-op threads per process; 0: torch's default
 SEED = 0
@@ -108,7 +109,7 @@ DEMO_SETTINGS = dict(
     EVAL_PERIOD=5, CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10,
     PRECISE_BN_BATCHES=10, RANDOM_FLIP=False, TEST_TEMPORAL_VIEWS=10, TEST_SPATIAL_VIEWS=1, DROPOUT=0.0,
 )
-DEMO_DATASET = dict(num_classes=kinetics_demo_dataset["num_classes"], difficulty="demo")
+DEMO_DATASET = dict(classes=kinetics_demo_dataset["classes"], difficulty="demo")
 DEMO_DATA = "data/synthetic_charades"
 # ------------------------------------------------------------------------------------------------
 
@@ -119,7 +120,8 @@ def demo(cfg, settings=DEMO_SETTINGS) -> None:
     """Generate the synthetic Charades-format dataset and apply `settings` not set by flags."""
     import synthetic_data
     try:
-        paths = synthetic_data.make_charades(DEMO_DATA, overwrite=True, **DEMO_DATASET)
+        paths = synthetic_data.make_charades(DEMO_DATA, overwrite=True, workers=os.cpu_count() or 1,
+                                             **DEMO_DATASET)
     except ValueError as e:
         raise trainer.SetupError(f"{e}; delete {DEMO_DATA} to regenerate it") from None
     cfg.frames_root, cfg.class_list = paths["frames_root"], paths["classes"]

@@ -81,6 +81,7 @@ PRECISION = "fp32"       # fp32, bf16 (autocast) or fp16 (autocast + grad scaler
 CHANNELS_LAST = False
 COMPILE = False
 ACTIVATION_CHECKPOINTING = False
+FAST_DEPTHWISE = True    # CPU: x3d_kernels.py's faster depthwise-conv backward (PyTorch's grads to rounding)
 DETERMINISTIC = False
 THREADS = 0
 SEED = 0

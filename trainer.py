@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 import multigrid
 import transforms
 import x3d
+import x3d_kernels
 
 # training_curves.png is redrawn after an epoch only when this many seconds passed since the last
 # drawing, and always at the end: a drawing costs about 0.3 s, and an epoch of an early Multigrid
@@ -677,6 +678,8 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         log.truncate_after(step)
         log(f"resumed at epoch {epoch} iteration {iteration} (step {step})")
     model.to(d.device)
+    if cfg.fast_depthwise and d.device.type == "cpu":
+        log(f"fast CPU depthwise backward (x3d_kernels) on {x3d_kernels.use_fast_depthwise(model)} convolutions")
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)
     if cfg.activation_checkpointing:

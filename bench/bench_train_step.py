@@ -11,8 +11,10 @@ steps. Peak memory is torch.cuda.max_memory_allocated over the row (model, optim
 step); on CPU it is n/a and the process's max RSS is printed instead. Rows per version and precision:
 pytorchvideo's create_x3d (same shape, head_activation=None so it returns logits, the baseline of
 the ratio column), this repo's model plain, with channels_last_3d, and under torch.compile
-(fullgraph). A row that cannot run says why in its note. Batches: XS 128, S 64, M 32, L 16 at the
-presets' train shapes (frames x crop); `--batch-scale` shrinks them.
+(fullgraph); on request also `fast_depthwise` (x3d_kernels' CPU depthwise backward) and
+`checkpoint` (activation checkpointing). A row that cannot run says why in its note. Batches: XS 128,
+S 64, M 32, L 16 at the presets' train shapes (frames x crop, or `--frames` / `--crop`); `--batch-scale`
+shrinks them.
 
 Memory-traffic floor: forward activation values per clip are counted with forward hooks (outputs of
 every conv / linear, every batch norm and the ReLU / Swish after it); an unfused training step is
@@ -38,10 +40,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import x3d  # noqa: E402
+import x3d_kernels  # noqa: E402
 
 BATCHES = {"XS": 128, "S": 64, "M": 32, "L": 16}
 QUICK = {"frames": 4, "crop": 64, "batch": 2, "iters": 2, "warmup": 1}
-VARIANTS = ("pytorchvideo", "plain", "channels_last", "compile", "channels_last+compile", "checkpoint")
+VARIANTS = ("pytorchvideo", "plain", "channels_last", "compile", "channels_last+compile", "checkpoint",
+            "fast_depthwise")
 DEFAULT_VARIANTS = ("pytorchvideo", "plain", "channels_last", "compile")
 PRECISIONS = ("fp32", "bf16")
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
@@ -96,6 +100,10 @@ def build_model(variant, version, frames, crop, device, dropout=0.5, quick=False
     else:
         module = x3d.generate_model(version, n_classes=N_CLASSES, dropout=dropout)
         module.set_activation_checkpointing(variant == "checkpoint")
+        if variant == "fast_depthwise":
+            if device.type != "cpu":
+                raise Unavailable("x3d_kernels' depthwise backward is a CPU path")
+            x3d_kernels.use_fast_depthwise(module)
     module = module.to(device).train()
     memory_format = torch.contiguous_format
     if "channels_last" in variant:
@@ -257,6 +265,7 @@ def bench(args, device):
     for version in args.versions:
         p = x3d.PRESETS[version]
         frames, crop = (QUICK["frames"], QUICK["crop"]) if args.quick else (p.frames, p.train_crop)
+        frames, crop = args.frames or frames, args.crop or crop
         batch = QUICK["batch"] if args.quick else max(1, round(BATCHES[version] * args.batch_scale))
         values = activation_values(version, frames, crop)
         floor = {pr: floor_clips_per_s(values, pr, args.bandwidth_gbs, args.traffic_factor) for pr in args.precisions}
@@ -322,6 +331,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, help="timed steps per row (default 20; quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them, compilation included (default 5; quick 1)")
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply the batches (XS 128, S 64, M 32, L 16)")
+    parser.add_argument("--frames", type=int, default=0, help="clip frames instead of the preset's (e.g. a Multigrid phase)")
+    parser.add_argument("--crop", type=int, default=0, help="crop instead of the preset's")
     parser.add_argument("--quick", action="store_true", help=f"tiny sizes for a smoke test: {QUICK}")
     parser.add_argument("--device", default="cuda", help="torch device (default cuda; cpu with --quick for a smoke run)")
     parser.add_argument("--bandwidth-gbs", type=float, default=3000.0, help="card memory bandwidth in GB/s for the floor")

@@ -83,6 +83,19 @@ def test_quick_skips_compile_with_its_reason_and_states_the_floor(quick_run):
         assert f"{precision} " in text and f"floor {floor:.0f} clips/s" in text
 
 
+def test_cpu_fast_depthwise_row_at_a_chosen_shape(tmp_path):
+    """`--frames` / `--crop` set the shape; the fast_depthwise row runs on the CPU beside the plain one."""
+    out = tmp_path / "table.md"
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_train_step.py"), "--device", "cpu",
+                           "--quick", "--frames", "2", "--crop", "34", "--precisions", "fp32",
+                           "--variants", "plain", "fast_depthwise", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    rows = _rows([line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("|")])
+    assert [(r["model"], r["shape"]) for r in rows] == [("plain", "2x34"), ("fast_depthwise", "2x34")]
+    assert all(NUMBER.match(r["clips/s"]) and r["note"] == "" for r in rows), rows
+
+
 def test_activation_count_of_x3d_m_matches_reference():
     """X3D-M 16x224: 251.8 M values per clip (REFERENCE.md: ~260 M with pytorchvideo's 9.8 M Identity outputs),
     so the fp32 floor at 3 TB/s and 4.5x traffic is ~660 clips/s (REFERENCE.md: about 650)."""
