@@ -19,13 +19,14 @@
    new outputs go to a hidden temporary name and are renamed when complete.
 
 Measured effect on the loader (bench/bench_data.py; 340x256, 10 s, 30 fps synthetic clips; one
-process, one thread; KineticsDataset training clips per CPU-second; the 2-core dev machine shared by
-six engineers, torch 2.13 CPU, PyAV 18.1): the prepared copy (short side 256, keyframe every 30,
-crf 23) against the original with a keyframe every 250 frames gave X3D-S 13x6 29.3 vs 21.9 clips/s
-(1.33x) and X3D-M 16x5 30.9 vs 18.4 (1.68x) in the 80-clip run, 1.61x (S) and 1.55x (M) on average
-over five runs (single runs 1.33-1.90x). A training window then decodes from the keyframe at most
-29 frames before it instead of from frame 0. Multi-view test loading gains nothing (about 1.0x):
-ten windows spread over the video decode every frame anyway. Sources larger than 256 also shrink.
+process, one thread; KineticsDataset training clips per CPU-second; the 2-core dev machine, torch
+2.13 CPU, PyAV 18.1, 2026-12-01, with one swscale context per file): the prepared copy (short side
+256, keyframe every 30, crf 23) against the original with a keyframe every 250 frames gave X3D-S
+13x6 34.7 vs 23.1 clips/s (1.50x) and X3D-M 16x5 26.5 vs 21.7 (1.22x) in the 120-clip run, 1.60x
+(S) and 1.55x (M) on average over four runs (single runs 1.22-2.12x). A training window then
+decodes from the keyframe at most 29 frames before it instead of from frame 0. Multi-view test
+loading gains little (1.17-1.33x): ten windows spread over the video decode every frame anyway.
+Sources larger than 256 also shrink.
 """
 import argparse
 import multiprocessing

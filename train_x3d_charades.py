@@ -98,7 +98,7 @@ EVAL_ONLY = False        # multi-view test of CHECKPOINT, no training
 CHECKPOINT = ""
 
 # The demo: X3D-XS fine-tuned from the Kinetics demo's weights (from scratch without them), on a
-# synthetic dataset of the Kinetics demo's four motions at its speed and size, 8-frame clips one
+# synthetic dataset of the Kinetics demo's motions at its speed and size, 8-frame clips one
 # eighth of a second apart (its 8-frame phases: 2-4 frames at 30 fps) at crop 48, sized for a
 # 2-core CPU (see README for its numbers).
 DEMO_SETTINGS = dict(

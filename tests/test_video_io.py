@@ -122,6 +122,20 @@ def test_unneeded_non_reference_frames_are_skipped_without_changing_any_frame(tm
         assert video.frames_decoded > 120  # so the read was redone without skipping
 
 
+def test_one_scaler_per_file_gives_the_pixels_of_a_fresh_conversion_per_frame(videos):
+    """VideoFile keeps one swscale context for all its frames; switching between full-size and
+    shrunk reads on the same file must rebuild it, not reuse the other size's."""
+    with av.open(videos[12]) as container:
+        decoded = list(container.decode(video=0))
+    full = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in decoded[:40]]))
+    half = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24", interpolation="AREA", width=170, height=128)
+                                      for f in decoded[:40]]))
+    with video_io.VideoFile(videos[12]) as video:
+        for indices in (list(range(0, 40, 3)), [39, 5, 5, 20]):
+            assert torch.equal(video.read(indices), full[indices])
+            assert torch.equal(video.read(indices, min_short_side=100), half[indices])
+
+
 def test_video_info_and_indices_past_the_end_repeat_the_last_frame(videos):
     assert video_io.video_info(videos[250]) == (300, 30.0, 340, 256)
     frames = video_io.read_video_frames(videos[250], [298, 299, 300, 450])
