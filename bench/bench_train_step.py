@@ -331,8 +331,8 @@ def parse_args(argv=None):
     parser.add_argument("--iters", type=int, help="timed steps per row (default 20; quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them, compilation included (default 5; quick 1)")
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply the batches (XS 128, S 64, M 32, L 16)")
-    parser.add_argument("--frames", type=int, default=0, help="clip frames instead of the preset's (e.g. a Multigrid phase)")
-    parser.add_argument("--crop", type=int, default=0, help="crop instead of the preset's")
+    parser.add_argument("--frames", type=int, default=0, help="clip frames instead of the preset's (e.g. a Multigrid phase); 0: the preset's")
+    parser.add_argument("--crop", type=int, default=0, help="crop instead of the preset's; 0: the preset's")
     parser.add_argument("--quick", action="store_true", help=f"tiny sizes for a smoke test: {QUICK}")
     parser.add_argument("--device", default="cuda", help="torch device (default cuda; cpu with --quick for a smoke run)")
     parser.add_argument("--bandwidth-gbs", type=float, default=3000.0, help="card memory bandwidth in GB/s for the floor")
@@ -345,7 +345,8 @@ def parse_args(argv=None):
     for name, default in (("iters", 20), ("warmup", 5)):
         if getattr(args, name) is None:
             setattr(args, name, QUICK[name] if args.quick else default)
-    for name, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0)):
+    for name, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--frames", args.frames, 0),
+                             ("--crop", args.crop, 0)):
         if value < low:
             parser.error(f"{name} must be at least {low}, got {value}")
     for name in ("batch_scale", "bandwidth_gbs", "traffic_factor"):

@@ -64,6 +64,14 @@ def records(run_dir, kind):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
+def assert_cli_scores(kind, annotations, submission, results, *classes):
+    """`charades.py KIND` on a written submission prints the mAP the run reported."""
+    scored = run([sys.executable, os.path.join(ROOT, "charades.py"), kind, "--annotations", annotations,
+                  "--submission", str(submission), *classes])
+    assert scored.returncode == 0, scored.stderr
+    assert scored.stdout.strip() == f"mAP: {results[OFFICIAL[kind]]:.6f}"
+
+
 def train_score_resume(kind, data, tmp_path, run_name, epochs, **overrides):
     """Train `epochs` (validating 4 times), check the run folder, score the submission with the CLI,
     rerun (resume); return results.json."""
@@ -80,11 +88,7 @@ def train_score_resume(kind, data, tmp_path, run_name, epochs, **overrides):
     assert [r["epoch"] for r in records(run_dir, "val")] == [epochs // 4 * k for k in (1, 2, 3, 4)]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["videos"] == 16 and results["failed_videos"] == 0
-    scored = run([sys.executable, os.path.join(ROOT, "charades.py"), kind, "--annotations",
-                  data["train_csv"], "--submission", str(run_dir / SUBMISSIONS[kind]),
-                  "--classes", data["classes"]])
-    assert scored.returncode == 0, scored.stderr
-    assert scored.stdout.strip() == f"mAP: {results[OFFICIAL[kind]]:.6f}"
+    assert_cli_scores(kind, data["train_csv"], run_dir / SUBMISSIONS[kind], results, "--classes", data["classes"])
 
     again = run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -104,10 +108,7 @@ def score_held_out(kind, data, tmp_path, trained):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / run_name / "results.json").read_text())
     assert results["videos"] == 8 and results["failed_videos"] == 0
-    scored = run([sys.executable, os.path.join(ROOT, "charades.py"), kind, "--annotations",
-                  data["test_csv"], "--submission", str(tmp_path / run_name / SUBMISSIONS[kind])])
-    assert scored.returncode == 0, scored.stderr
-    assert scored.stdout.strip() == f"mAP: {results[OFFICIAL[kind]]:.6f}"
+    assert_cli_scores(kind, data["test_csv"], tmp_path / run_name / SUBMISSIONS[kind], results)
 
 
 @pytest.mark.slow
