@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare_videos  # noqa: E402
 from kinetics_multigrid import KineticsDataset  # noqa: E402
 from multigrid import ClipRequest  # noqa: E402
+from bench_train_step import significant  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 340, 256, 30
 # name: (frames, rate, crop, short-side range, test crop)
@@ -278,8 +279,9 @@ def bench_rows(data, clips, test_clips, views, resize_first=False):
                 naive = _naive(dataset, model, views, resize_first)
                 baseline = "naive"
                 base = measure(naive.train_clip if mode == "train" else naive.test_views, count)
-            rows.append(dict(zip(COLUMNS, (task, source, f"{ours[0]:.1f}", f"{ours[1]:.1f}", baseline,
-                                          f"{base[0]:.1f}", f"{base[1]:.1f}", f"{ours[0] / base[0]:.2f}x"))))
+            rates = [significant(v, 4) for v in (*ours, *base)]
+            rows.append(dict(zip(COLUMNS, (task, source, *rates[:2], baseline, *rates[2:],
+                                          f"{ours[0] / base[0]:.2f}x"))))
     return rows
 
 

@@ -297,10 +297,10 @@ def bench(args, device):
     return rows, floors
 
 
-def significant(value):
-    """`value` with at least three significant digits and one decimal, never in exponent form, so a
+def significant(value, digits=3):
+    """`value` with at least `digits` significant digits and one decimal, never in exponent form, so a
     ratio of two printed rates is as exact as the printed ratio (CPU rates are a few clips/s)."""
-    decimals = max(1, 2 - math.floor(math.log10(value))) if value > 0 else 1
+    decimals = max(1, digits - 1 - math.floor(math.log10(value))) if value > 0 else 1
     return f"{value:.{decimals}f}"
 
 
