@@ -367,17 +367,28 @@ class KineticsDataset(torch.utils.data.Dataset):
             self.max_retries, self.log, f"kinetics {self.mode}")
         return clip, self.label(index), index, failures
 
-    def _clip(self, index, frames, crop, max_rate, generator):
-        """uint8 (3, frames, crop, crop) from video `index` (train: random; val: centre)."""
+    def read_frames(self, index, frames, crop, max_rate, generator):
+        """The decode step of one clip alone: uint8 (frames, H, W, 3) source frames of video `index`
+        (train: random rate and window; val: centre window), before any spatial transform."""
         with open_video(self.path(index), self.frame_fps) as video:
             if self.mode == "train":
                 # PySlowFast: rate from [rate, max_rate] (random.randint), then a random window
                 rate = int(torch.randint(self.rate, max_rate + 1, (), generator=generator).item())
                 indices = T.random_window(video.num_frames, frames, rate, video.fps, self.target_fps, generator)
-                clip = video.read(indices, min_short_side=self.short_side[1])
-            else:
-                indices = T.center_window(video.num_frames, frames, self.rate, video.fps, self.target_fps)
-                clip = video.read(indices, min_short_side=crop)
+                return video.read(indices, min_short_side=self.short_side[1])
+            indices = T.center_window(video.num_frames, frames, self.rate, video.fps, self.target_fps)
+            return video.read(indices, min_short_side=crop)
+
+    def read_test_frames(self, index):
+        """The decode step of the test views alone: uint8 (temporal_views * frames, H, W, 3), window-major."""
+        with open_video(self.path(index), self.frame_fps) as video:
+            windows = T.uniform_windows(video.num_frames, self.frames, self.rate, video.fps, self.target_fps,
+                                        self.temporal_views)
+            return video.read(windows.flatten(), min_short_side=self.test_crop)
+
+    def _clip(self, index, frames, crop, max_rate, generator):
+        """uint8 (3, frames, crop, crop) from video `index` (train: random; val: centre)."""
+        clip = self.read_frames(index, frames, crop, max_rate, generator)
         if self.mode != "train":
             return T.to_cthw(T.scale_uniform_crop(clip, crop, 1))
         # PySlowFast Multigrid: only the minimum short side scales with crop / default crop
@@ -388,10 +399,7 @@ class KineticsDataset(torch.utils.data.Dataset):
 
     def _test_views(self, index):
         """uint8 (temporal_views * spatial_views, 3, frames, test_crop, test_crop), temporal-major."""
-        with open_video(self.path(index), self.frame_fps) as video:
-            windows = T.uniform_windows(video.num_frames, self.frames, self.rate, video.fps, self.target_fps,
-                                        self.temporal_views)
-            frames = video.read(windows.flatten(), min_short_side=self.test_crop)
+        frames = self.read_test_frames(index)
         positions = (0, 1, 2) if self.spatial_views == 3 else (1,)
         views = [T.to_cthw(T.scale_uniform_crop(clip, self.test_crop, position))
                  for clip in frames.split(self.frames) for position in positions]

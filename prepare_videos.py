@@ -11,22 +11,27 @@
    (strict: a stream that ends before its stated frame count fails). Bad files are printed with
    the reason and written to `bad_videos.txt`; the exit code is 1 unless `--drop-bad` leaves them
    out of the annotations.
-3. `--reencode NEW_ROOT`: H.264 (libx264, yuv420p, crf 23, preset veryfast), short side scaled down
-   to `--short-side` (never up; even sizes), one keyframe every `--keyframe-interval` frames
-   (scene-cut keyframes off), same fps (timestamps rewritten as frame / fps), no audio, same
-   `<label>/<stem>.mp4` layout, annotations written to `NEW_ROOT/annotations`. Parallel over
-   `--workers` processes with a tqdm bar; resumable: an output that exists and decodes is kept,
-   new outputs go to a hidden temporary name and are renamed when complete.
+3. `--reencode NEW_ROOT`: H.264 (libx264, yuv420p, crf 23, preset veryfast, tune fastdecode),
+   short side scaled down to `--short-side` (never up; even sizes), one keyframe every
+   `--keyframe-interval` frames (scene-cut keyframes off), same fps (timestamps rewritten as
+   frame / fps), no audio, same `<label>/<stem>.mp4` layout, annotations written to
+   `NEW_ROOT/annotations`. Parallel over `--workers` processes with a tqdm bar; resumable: an output
+   that exists and decodes is kept, new outputs go to a hidden temporary name and are renamed when
+   complete. `--tune fastdecode` (the default) turns off CABAC (CAVLC entropy coding) and the
+   deblocking filter, the two costliest parts of H.264 decoding; `--tune none` keeps x264's defaults.
 
-Measured effect on the loader (bench/bench_data.py; 340x256, 10 s, 30 fps synthetic clips; one
-process, one thread; KineticsDataset training clips per CPU-second; the 2-core dev machine, torch
-2.13 CPU, PyAV 18.1, 2026-12-01, with one swscale context per file): the prepared copy (short side
-256, keyframe every 30, crf 23) against the original with a keyframe every 250 frames gave X3D-S
-13x6 34.7 vs 23.1 clips/s (1.50x) and X3D-M 16x5 26.5 vs 21.7 (1.22x) in the 120-clip run, 1.60x
-(S) and 1.55x (M) on average over four runs (single runs 1.22-2.12x). A training window then
-decodes from the keyframe at most 29 frames before it instead of from frame 0. Multi-view test
-loading gains little (1.17-1.33x): ten windows spread over the video decode every frame anyway.
-Sources larger than 256 also shrink.
+Measured effect on the loader (bench/bench_data.py, 2026-12-01, the 2-core dev machine, torch 2.13
+CPU, PyAV 18.1; 340x256, 10 s, 30 fps synthetic clips; one process, one thread; KineticsDataset
+training clips per CPU-second, median of interleaved rounds): the prepared copy (short side 256,
+keyframe every 30, crf 23, tune fastdecode) against the original with a keyframe every 250 frames
+gave X3D-S 13x6 49.2 vs 20.5 clips/s (2.40x) and X3D-M 16x5 36.2 vs 16.1 (2.25x); 2.40-2.54x and
+2.08-2.34x over three runs. Of that, the 30-frame keyframes give 1.73x (S) / 1.58x (M) and
+fastdecode another 1.51x / 1.43x (one change at a time, 8 videos, 5 interleaved rounds);
+fastdecode made the files 12% larger at the same crf and cost 0.05 dB PSNR against the rendered
+frames (29.69 vs 29.74 dB).
+A training window decodes from the keyframe at most 29 frames before it instead of from frame 0.
+Multi-view test loading gains little (1.13-1.31x): ten windows spread over the video decode every
+frame anyway. Sources larger than 256 also shrink.
 """
 import argparse
 import multiprocessing
@@ -41,6 +46,7 @@ from video_io import VIDEO_EXTENSIONS
 
 KINETICS_STEM = re.compile(r"^(?P<youtube_id>.+)_(?P<start>\d{6})_(?P<end>\d{6})$")
 PARTIAL_TAG = ".partial-"
+X264_TUNES = ("fastdecode", "film", "animation", "grain", "stillimage", "psnr", "ssim", "zerolatency")
 
 
 class VideoEntry(NamedTuple):
@@ -237,18 +243,19 @@ def _is_prepared(path, short_side, source_size):
         return (context.width, context.height) == scaled_even_size(*source_size, short_side)
 
 
-def add_h264_stream(container, rate, width, height, keyframe_interval, crf=23, preset="veryfast"):
+def add_h264_stream(container, rate, width, height, keyframe_interval, crf=23, preset="veryfast", tune=None):
     """Add a single-threaded libx264 yuv420p stream to an output container: fixed keyframe interval,
-    no scene-cut keyframes; returns the stream (feed it yuv420p frames)."""
+    no scene-cut keyframes, x264 `tune` when given; returns the stream (feed it yuv420p frames)."""
     encoder = container.add_stream("libx264", rate=rate)
     encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
     encoder.codec_context.thread_count = 1
-    encoder.options = {"crf": str(crf), "preset": preset,
-                       "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0"}
+    options = {"crf": str(crf), "preset": preset,
+               "x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0"}
+    encoder.options = dict(options, tune=tune) if tune else options
     return encoder
 
 
-def reencode_video(src, dst, short_side=256, keyframe_interval=30, crf=23, preset="veryfast"):
+def reencode_video(src, dst, short_side=256, keyframe_interval=30, crf=23, preset="veryfast", tune="fastdecode"):
     """Re-encode `src` to an H.264 mp4 `dst` (see the module docstring); return "kept" when `dst`
     already holds a decodable output of the right size, else "encoded"."""
     with av.open(src) as source:
@@ -264,7 +271,7 @@ def reencode_video(src, dst, short_side=256, keyframe_interval=30, crf=23, prese
         tmp = os.path.join(head, f".{tail}{PARTIAL_TAG}{os.getpid()}.mp4")
         try:
             with av.open(tmp, "w", format="mp4") as out:
-                encoder = add_h264_stream(out, rate, width, height, keyframe_interval, crf, preset)
+                encoder = add_h264_stream(out, rate, width, height, keyframe_interval, crf, preset, tune)
                 for index, frame in enumerate(source.decode(stream)):
                     frame = frame.reformat(width, height, "yuv420p", interpolation="AREA")
                     frame.pts, frame.time_base = index, 1 / rate
@@ -300,14 +307,14 @@ def _remove_partials(out_root):
 
 
 def reencode_tree(root, out_root, entries, short_side=256, keyframe_interval=30, crf=23, preset="veryfast",
-                  workers=1, progress=False):
+                  tune="fastdecode", workers=1, progress=False):
     """Re-encode `entries` of `root` into `out_root` (same layout, `.mp4`); return
     ({"encoded": n, "kept": n}, {relative path: error})."""
     if os.path.realpath(root) == os.path.realpath(out_root):
         raise ValueError(f"re-encode output {out_root} is the source root; choose a new folder")
     os.makedirs(out_root, exist_ok=True)
     _remove_partials(out_root)
-    options = dict(short_side=short_side, keyframe_interval=keyframe_interval, crf=crf, preset=preset)
+    options = dict(short_side=short_side, keyframe_interval=keyframe_interval, crf=crf, preset=preset, tune=tune)
     jobs = [(e, os.path.join(root, e.path), _output_path(out_root, e), options) for e in entries]
     counts, failed = {"encoded": 0, "kept": 0}, {}
     for entry, status, error in _parallel(_reencode_job, jobs, workers, progress, "re-encoding"):
@@ -333,6 +340,9 @@ def _arguments(argv):
     parser.add_argument("--keyframe-interval", type=int, default=30, help="re-encode keyframe interval, frames")
     parser.add_argument("--crf", type=int, default=23, help="x264 constant rate factor")
     parser.add_argument("--preset", default="veryfast", help="x264 preset")
+    parser.add_argument("--tune", default="fastdecode", choices=("none",) + X264_TUNES,
+                        help="x264 tune; fastdecode (CAVLC, no deblocking) decodes 1.4-1.5x faster; none: "
+                             "x264's defaults")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -376,7 +386,8 @@ def main(argv=None):
         out_root = os.path.abspath(args.reencode)
         try:
             counts, failed = reencode_tree(root, out_root, good, args.short_side, args.keyframe_interval,
-                                           args.crf, args.preset, args.workers, progress)
+                                           args.crf, args.preset, None if args.tune == "none" else args.tune,
+                                           args.workers, progress)
         except (OSError, ValueError) as error:
             print(f"prepare_videos: {error}", file=sys.stderr)
             return 2

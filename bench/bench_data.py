@@ -1,26 +1,32 @@
 """Data-loading benchmark: clips/s per CPU core of this pipeline vs a naive baseline, in one run.
 
-    python bench/bench_data.py [--quick] [--out bench/data_table.md] [--videos 8] [--clips 40]
+    python bench/bench_data.py [--quick] [--out bench_data_table.md] [--videos 8] [--clips 24] [--repeats 5]
 
 One process, one thread (`torch.set_num_threads(1)`, single-threaded decoders); clips/s is given
 per CPU-second (the per-core figure; the machine may be shared) and per wall second. Rows:
 X3D-S training clips (13x6, crop 160, short side 182-228), X3D-M training clips (16x5, crop 224,
 short side 256-320) and X3D-S test views (10 temporal x 3 spatial at 182; `--test-views` to change
-the temporal count), each from mp4 with a keyframe every 250 and every 30 frames and from JPEG frame
-folders, this pipeline (`KineticsDataset` with `ClipRequest`s) next to the naive baseline
-(x3d-multigrid's way: decode from the start of the file with PyAV up to the last needed frame, or
-Pillow per JPEG frame, then per frame a PIL crop + bilinear resize, flip, ToTensor and Normalize, so
-it returns float32 as x3d-multigrid's workers do; ours returns uint8 and normalises on the device). The "prepared" rows compare this pipeline
-on the dataset re-encoded by prepare_videos.py (short side 256, keyframe every 30, crf 23) with the
-same pipeline on the 250-keyframe original. Last, the peak memory of one DataLoader worker over
-full passes of the dataset. Data: synthetic 340x256 30 fps videos made in a temp folder (a panning
-noise texture, moving textured blobs and sensor noise, so the codec works as on real footage).
+the temporal count), each from mp4 with a keyframe every 250 and every 30 frames, from JPEG frame
+folders (quality 90, 4:2:0) at 340x256 and at 640x480, this pipeline (`KineticsDataset` with
+`ClipRequest`s) next to the naive baseline (x3d-multigrid's way: decode from the start of the file
+with PyAV up to the last needed frame, or Pillow per JPEG frame, then per frame a PIL crop +
+bilinear resize, flip, ToTensor and Normalize, so it returns float32 as x3d-multigrid's workers do;
+ours returns uint8 and normalises on the device). "decode only" runs our decode step alone
+(`KineticsDataset.read_frames` / `read_test_frames`, no transform): its ratio to the baseline bounds
+what any transform code on top of that decoder could reach. The "prepared" rows compare this
+pipeline on the dataset re-encoded by prepare_videos.py (short side 256, keyframe every 30, crf 23,
+tune fastdecode) with the same pipeline on the 250-keyframe original. Every row is the median of
+`--repeats` rounds that alternate ours, decode only and the baseline. Last, the peak memory of one
+DataLoader worker over full passes of the dataset. Data: synthetic 30 fps videos made in a temp
+folder (a panning noise texture, moving textured blobs and sensor noise, so the codec works as on
+real footage).
 """
 import argparse
 import os
 import random
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -39,10 +45,12 @@ from multigrid import ClipRequest  # noqa: E402
 from bench_train_step import significant  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 340, 256, 30
+LARGE = (640, 480)  # the "jpeg 640x480" source: frames stored larger than training needs
 # name: (frames, rate, crop, short-side range, test crop)
 MODELS = {"X3D-S": (13, 6, 160, (182, 228), 182), "X3D-M": (16, 5, 224, (256, 320), 256)}
-COLUMNS = ("task", "source", "ours clips/cpu-s", "ours clips/s", "baseline", "base clips/cpu-s",
-           "base clips/s", "ratio (cpu)")
+COLUMNS = ("task", "source", "ours clips/cpu-s", "ours clips/s", "decode only clips/cpu-s", "baseline",
+           "base clips/cpu-s", "base clips/s", "ratio (cpu)", "decode-only ratio (cpu)")
+SOURCES = ("mp4 k250", "mp4 k30", "jpeg", "jpeg 640x480", "prepared")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,9 +101,18 @@ def write_mp4(path, frames, keyframe_interval, crf=20):
         out.mux(stream.encode(None))
 
 
+def write_jpeg_folder(folder, stem, frames):
+    """JPEG frames `<stem>-000001.jpg`, ... at quality 90 with 4:2:0 chroma, as ffmpeg and OpenCV
+    extract them from yuv420p video."""
+    os.makedirs(folder, exist_ok=True)
+    for t, image in enumerate(frames, 1):
+        with open(os.path.join(folder, f"{stem}-{t:06d}.jpg"), "wb") as handle:
+            handle.write(simplejpeg.encode_jpeg(image, quality=90, colorspace="RGB", colorsubsampling="420"))
+
+
 def make_data(folder, videos, num_frames, workers):
     """Write the bench datasets under `folder`; return {source name: (root, annotation csv, classes)}."""
-    roots = {name: os.path.join(folder, name) for name in ("mp4 k250", "mp4 k30", "jpeg")}
+    roots = {name: os.path.join(folder, name.replace(" ", "_")) for name in SOURCES}
     entries = []
     for i in range(videos):
         label = f"class{i % 2}"
@@ -104,13 +121,9 @@ def make_data(folder, videos, num_frames, workers):
         for name, keyint in (("mp4 k250", 250), ("mp4 k30", 30)):
             os.makedirs(os.path.join(roots[name], label), exist_ok=True)
             write_mp4(os.path.join(roots[name], label, f"{stem}.mp4"), frames, keyint)
-        jpeg_folder = os.path.join(roots["jpeg"], label, stem)
-        os.makedirs(jpeg_folder, exist_ok=True)
-        for t, image in enumerate(frames, 1):
-            with open(os.path.join(jpeg_folder, f"{stem}-{t:06d}.jpg"), "wb") as handle:
-                handle.write(simplejpeg.encode_jpeg(image, quality=90, colorspace="RGB"))
+        write_jpeg_folder(os.path.join(roots["jpeg"], label, stem), stem, frames)
+        write_jpeg_folder(os.path.join(roots["jpeg 640x480"], label, stem), stem, render_frames(i, num_frames, *LARGE))
         entries.append(prepare_videos.VideoEntry(f"{label}/{stem}.mp4", label))
-    roots["prepared"] = os.path.join(folder, "prepared")
     prepare_videos.reencode_tree(roots["mp4 k250"], roots["prepared"], entries, short_side=256,
                                  keyframe_interval=30, crf=23, workers=workers)
     written = prepare_videos.write_annotations(entries, os.path.join(folder, "annotations"))
@@ -226,13 +239,17 @@ class NaiveLoader:
 # measuring
 
 
+def _quiet(*_):
+    """A dataset log that drops its lines (and pickles, for a spawned worker)."""
+
+
 def _ours(data, source, model, mode, views):
     """A KineticsDataset for `source` with `model`'s geometry."""
     frames, rate, crop, short_side, test_crop = MODELS[model]
     root, annotations, classes = data[source]
     return KineticsDataset(root, annotations, mode, class_list=classes, frames=frames, rate=rate, crop=crop,
                            short_side=short_side, test_crop=test_crop, temporal_views=views, spatial_views=3,
-                           log=lambda *_: None)
+                           log=_quiet)
 
 
 def _naive(dataset, model, views, resize_first):
@@ -242,12 +259,12 @@ def _naive(dataset, model, views, resize_first):
                        test_crop, views, resize_first)
 
 
-def measure(make_clip, count):
-    """(clips per CPU-second, clips per wall second) of `count` calls make_clip(i) after one warm-up;
-    test-view calls count every view as a clip."""
+def measure(make_clip, count, first=1):
+    """(clips per CPU-second, clips per wall second) of make_clip(i) for i = first .. first + count - 1
+    after one warm-up call; test-view calls count every view as a clip."""
     make_clip(0)
     wall, cpu, clips = time.perf_counter(), time.process_time(), 0
-    for i in range(1, count + 1):
+    for i in range(first, first + count):
         out = make_clip(i)
         clips += out.shape[0] if out.dim() == 5 else 1
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -260,28 +277,56 @@ def _train_runner(dataset, model):
     return lambda i: dataset[ClipRequest(i % len(dataset), frames, crop, rate, i)][0]
 
 
-def bench_rows(data, clips, test_clips, views, resize_first=False):
-    """Measure every row; return a list of dicts keyed by COLUMNS."""
-    rows, ours_k250 = [], {}
+def _decode_runner(dataset, model, mode):
+    """make_clip(i) that runs only the decode step of `dataset`: the source frames of a training clip,
+    or of a video's test views (then returned as an empty (views, ...) tensor so `measure` counts views)."""
+    frames, rate, crop = MODELS[model][:3]
+    generator = torch.Generator()
+    views = dataset.temporal_views * dataset.spatial_views
+
+    def decode(i):
+        if mode == "test":
+            dataset.read_test_frames(i % len(dataset))
+            return torch.empty(views, 0, 0, 0, 0)
+        return dataset.read_frames(i % len(dataset), frames, crop, rate, generator.manual_seed(i))
+
+    return decode
+
+
+def _median_rates(runs, count, repeats):
+    """{name: (median clips per CPU-second, median clips per wall second)} of `runs` (name: make_clip),
+    measured in `repeats` interleaved rounds of `count` clips so that drift of the machine hits all alike."""
+    samples = {name: [] for name in runs}
+    for round_ in range(repeats):  # each round new clips (ours and decode only: the same ones)
+        for name, run in runs.items():
+            samples[name].append(measure(run, count, 1 + round_ * count))
+    return {name: tuple(statistics.median(rates[k] for rates in got) for k in (0, 1))
+            for name, got in samples.items()}
+
+
+def bench_rows(data, clips, test_clips, views, resize_first=False, repeats=5):
+    """Measure every row (medians over `repeats` interleaved rounds); return a list of dicts keyed by COLUMNS."""
+    rows = []
     tasks = [(f"{m} train {MODELS[m][0]}x{MODELS[m][1]}", m, "train") for m in MODELS]
     tasks.append((f"X3D-S test {views}x3 views", "X3D-S", "test"))
     for task, model, mode in tasks:
-        for source in ("mp4 k250", "mp4 k30", "jpeg", "prepared"):
+        count = clips if mode == "train" else test_clips
+        for source in SOURCES:
             dataset = _ours(data, source, model, mode, views)
-            count = clips if mode == "train" else test_clips
-            run = _train_runner(dataset, model) if mode == "train" else (lambda i, d=dataset: d[i % len(d)][0])
-            ours = measure(run, count)
+            runs = {"ours": _train_runner(dataset, model) if mode == "train" else (lambda i, d=dataset: d[i % len(d)][0]),
+                    "decode": _decode_runner(dataset, model, mode)}
             if source == "mp4 k250":
-                ours_k250[task] = ours
-            if source == "prepared":
-                baseline, base = "ours on mp4 k250", ours_k250[task]
+                ours_k250 = runs["ours"]
+            if source == "prepared":  # measured in the same rounds as the prepared set, like every baseline
+                baseline, runs["base"] = "ours on mp4 k250", ours_k250
             else:
                 naive = _naive(dataset, model, views, resize_first)
-                baseline = "naive"
-                base = measure(naive.train_clip if mode == "train" else naive.test_views, count)
-            rates = [significant(v, 4) for v in (*ours, *base)]
-            rows.append(dict(zip(COLUMNS, (task, source, *rates[:2], baseline, *rates[2:],
-                                          f"{ours[0] / base[0]:.2f}x"))))
+                baseline, runs["base"] = "naive", naive.train_clip if mode == "train" else naive.test_views
+            rates = _median_rates(runs, count, repeats)
+            cells = [significant(v, 4) for v in (*rates["ours"], rates["decode"][0])]
+            cells += [baseline] + [significant(v, 4) for v in rates["base"]]
+            cells += [f"{rates['ours'][0] / rates['base'][0]:.2f}x", f"{rates['decode'][0] / rates['base'][0]:.2f}x"]
+            rows.append(dict(zip(COLUMNS, (task, source, *cells))))
     return rows
 
 
@@ -315,14 +360,17 @@ class _RssDataset(torch.utils.data.Dataset):
 
 
 def worker_memory(data, passes):
-    """(RSS after the first clip, RSS at the end, peak RSS) in MiB of one DataLoader worker making
-    X3D-M training clips from the 250-keyframe mp4s for `passes` full passes."""
+    """(RSS after the first clip, half-way and at the end, peak RSS) in MiB and the clip count of one
+    DataLoader worker making X3D-M training clips from the 250-keyframe mp4s for `passes` full passes."""
     dataset = _ours(data, "mp4 k250", "X3D-M", "train", 1)
     frames, rate, crop = MODELS["X3D-M"][:3]
     requests = [ClipRequest(i % len(dataset), frames, crop, rate, i) for i in range(passes * len(dataset))]
-    loader = torch.utils.data.DataLoader(_RssDataset(dataset), batch_size=None, sampler=requests, num_workers=1)
+    # spawned, not forked: a forked worker's RSS would count the pages it shares with this process
+    loader = torch.utils.data.DataLoader(_RssDataset(dataset), batch_size=None, sampler=requests, num_workers=1,
+                                         multiprocessing_context="spawn")
     samples = [(rss, peak) for _, rss, peak in loader]
-    return samples[0][0] / 1024, samples[-1][0] / 1024, max(peak for _, peak in samples) / 1024, len(samples)
+    first, half, last = (samples[i][0] / 1024 for i in (0, len(samples) // 2, -1))
+    return first, half, last, max(peak for _, peak in samples) / 1024, len(samples)
 
 
 def format_table(rows):
@@ -339,37 +387,44 @@ def main(argv=None):
     parser.add_argument("--out", default="bench_data_table.md", help="file the table is written to")
     parser.add_argument("--videos", type=int, help="videos per source (default 8; quick 2)")
     parser.add_argument("--seconds", type=float, help="video length in seconds (default 10; quick 3)")
-    parser.add_argument("--clips", type=int, help="training clips per row (default 40; quick 2)")
-    parser.add_argument("--test-videos", type=int, help="videos per test-view row (default 4; quick 1)")
+    parser.add_argument("--clips", type=int, help="training clips per row and round (default 24; quick 2)")
+    parser.add_argument("--test-videos", type=int, help="videos per test-view row and round (default 3; quick 1)")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds per row, median reported (default 5; "
+                                                    "quick 1)")
     parser.add_argument("--test-views", type=int, help="temporal test views (default 10; quick 2)")
-    parser.add_argument("--passes", type=int, help="DataLoader passes for the memory figure (default 5; quick 1)")
+    parser.add_argument("--passes", type=int, help="DataLoader passes for the memory figure (default 50; quick 1)")
     parser.add_argument("--workers", type=int, default=1, help="processes for the re-encode of the data")
     parser.add_argument("--naive", choices=("crop-first", "resize-first"), default="crop-first",
                         help="baseline's per-frame PIL order: crop then resize (x3d-multigrid's "
                              "MultiScaleRandomCrop) or resize the whole frame then crop")
     parser.add_argument("--keep", help="make the data in this folder and keep it (default: a temp folder)")
     args = parser.parse_args(argv)
-    defaults = dict(videos=(8, 2), seconds=(10, 3), clips=(40, 2), test_videos=(4, 1), test_views=(10, 2),
-                    passes=(5, 1))
+    defaults = dict(videos=(8, 2), seconds=(10, 3), clips=(24, 2), test_videos=(3, 1), test_views=(10, 2),
+                    repeats=(5, 1), passes=(50, 1))
     for name, pair in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, pair[args.quick])
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     torch.set_num_threads(1)
     folder = args.keep or tempfile.mkdtemp(prefix="bench_data_")
     try:
         started = time.perf_counter()
         data = make_data(folder, args.videos, int(args.seconds * FPS), args.workers)
         made = time.perf_counter() - started
-        rows = bench_rows(data, args.clips, args.test_videos, args.test_views, args.naive == "resize-first")
-        first, last, peak, count = worker_memory(data, args.passes)
+        rows = bench_rows(data, args.clips, args.test_videos, args.test_views, args.naive == "resize-first",
+                          args.repeats)
+        first, half, last, peak, count = worker_memory(data, args.passes)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     table = format_table(rows)
-    memory = (f"DataLoader worker (X3D-M train, mp4 k250, {count} clips = {args.passes} passes): RSS "
-              f"{first:.0f} MiB after the first clip, {last:.0f} MiB at the end, peak {peak:.0f} MiB")
-    setup = (f"{args.videos} videos {WIDTH}x{HEIGHT} {args.seconds:g} s at {FPS} fps per source, {args.clips} "
-             f"training clips per row, {args.test_videos} videos per test row; naive PIL order {args.naive}; data made in {made:.0f} s; "
+    memory = (f"DataLoader worker (spawned; X3D-M train, mp4 k250, {count} clips = {args.passes} passes): RSS "
+              f"{first:.0f} MiB after the first clip, {half:.0f} MiB half-way, {last:.0f} MiB at the end, "
+              f"peak {peak:.0f} MiB")
+    setup = (f"{args.videos} videos {WIDTH}x{HEIGHT} (jpeg 640x480: {LARGE[0]}x{LARGE[1]}) {args.seconds:g} s at "
+             f"{FPS} fps per source; median of {args.repeats} interleaved rounds of {args.clips} training clips / "
+             f"{args.test_videos} videos' test views per row; naive PIL order {args.naive}; data made in {made:.0f} s; "
              f"torch {torch.__version__}, PyAV {av.__version__}, {os.cpu_count()} CPUs")
     text = f"{table}\n\n{memory}\n\n{setup}\n"
     print(text)

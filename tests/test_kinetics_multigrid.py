@@ -239,6 +239,22 @@ def test_too_many_failures_in_a_row_raise_naming_the_paths(tmp_path):
         ds["0"]
 
 
+@pytest.mark.parametrize("youtube_id, size", [("aaa", (72, 96)), ("ddd", (60, 80))])  # mp4, JPEG folder
+def test_the_decode_step_alone_gives_the_source_frames_a_clip_is_cut_from(kinetics, youtube_id, size):
+    ds = dataset(kinetics, frames=4, rate=5)
+    index = index_of(ds, youtube_id)
+    for seed in (3, 4, 5):
+        frames = ds.read_frames(index, 4, 64, 10, torch.Generator().manual_seed(seed))
+        assert frames.shape == (4, *size, 3) and frames.dtype == torch.uint8
+        clip = ds[ClipRequest(index, 4, 64, 10, seed)][0]  # the same seed draws the same rate and window first
+        assert [flat_number(frame) for frame in frames] == frame_numbers(clip)
+    test = dataset(kinetics, "test", frames=4, rate=5, crop=56, short_side=(56, 60), temporal_views=3)
+    frames = test.read_test_frames(index)
+    views = test[index][0]
+    assert frames.shape == (12, *size, 3)
+    assert [flat_number(frame) for frame in frames] == [n for view in views[::3] for n in frame_numbers(view)]
+
+
 def test_val_returns_the_centre_window_centre_crop(kinetics):
     ds = dataset(kinetics, "val", frames=4, rate=5, crop=64, short_side=(72, 90))
     clip, label, index, failures = ds[index_of(ds, "aaa")]

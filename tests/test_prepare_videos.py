@@ -1,7 +1,9 @@
 """prepare_videos (real H.264 files written and decoded with PyAV) and the bench/bench_data.py smoke run."""
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -160,11 +162,23 @@ def test_reencode_scales_down_sets_keyframes_and_keeps_every_frame_in_time(tmp_p
     assert (decoded.float() - expected)[:, :, 4:-4, 4:-4].abs().mean() < 4  # codec + scaler error only
     # the loader seeks in the output: frame 47 is frame 47
     assert abs(frame_number(read_video_frames(dst, [47])[0]) - 47) < 0.5
-    # never upscaled: a 64-pixel short side stays when 256 is asked for
-    assert pv.reencode_video(dst, str(tmp_path / "same.mp4"), short_side=256) == "encoded"
+    # x264 writes its settings into the stream: tune fastdecode = CAVLC and no deblocking filter
+    assert re.search(rb"cabac=0 .*deblock=0:", Path(dst).read_bytes())
+    # never upscaled: a 64-pixel short side stays when 256 is asked for; tune None keeps x264's defaults
+    assert pv.reencode_video(dst, str(tmp_path / "same.mp4"), short_side=256, tune=None) == "encoded"
     with av.open(str(tmp_path / "same.mp4")) as container:
         assert container.streams.video[0].codec_context.height == 64
+    assert re.search(rb"cabac=1 .*deblock=1:", (tmp_path / "same.mp4").read_bytes())
     assert pv.scaled_even_size(341, 255, 256) == (340, 256) and pv.scaled_even_size(640, 360, 256) == (456, 256)
+
+
+@pytest.mark.parametrize("option, value, says", [("--tune", "fast", "invalid choice: 'fast'"),
+                                                  ("--short-side", "0", "--short-side must be >= 1")])
+def test_bad_reencode_options_stop_before_any_work(tree, capsys, option, value, says):
+    with pytest.raises(SystemExit) as stopped:
+        run_main(tree, "--reencode", tree.parent / "prepared", option, value)
+    assert stopped.value.code == 2 and says in capsys.readouterr().err
+    assert not (tree.parent / "prepared").exists()
 
 
 def test_reencode_in_parallel_is_resumable(tree, capsys):
@@ -193,13 +207,14 @@ def test_bench_quick_writes_a_well_formed_table(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = table.read_text().splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header[0] == "task" and header[-1] == "ratio (cpu)" and len(header) == 8
+    assert header[0] == "task" and header[-2:] == ["ratio (cpu)", "decode-only ratio (cpu)"] and len(header) == 10
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:] if line.startswith("|")]
-    assert len(rows) == 12 and all(len(row) == 8 for row in rows)
-    assert {row[1] for row in rows} == {"mp4 k250", "mp4 k30", "jpeg", "prepared"}
+    assert len(rows) == 15 and all(len(row) == 10 for row in rows)
+    assert {row[1] for row in rows} == {"mp4 k250", "mp4 k30", "jpeg", "jpeg 640x480", "prepared"}
     for row in rows:
-        assert all(float(row[i]) > 0 for i in (2, 3, 5, 6))
-        assert row[7].endswith("x") and abs(float(row[7][:-1]) - float(row[2]) / float(row[5])) < 0.01
-        assert row[4] == ("ours on mp4 k250" if row[1] == "prepared" else "naive")
+        assert all(float(row[i]) > 0 for i in (2, 3, 4, 6, 7))
+        for ratio, numerator in ((row[8], row[2]), (row[9], row[4])):  # the ratios are of the printed rates
+            assert ratio.endswith("x") and abs(float(ratio[:-1]) - float(numerator) / float(row[6])) < 0.01
+        assert row[5] == ("ours on mp4 k250" if row[1] == "prepared" else "naive")
     assert any(line.startswith("DataLoader worker") and "peak" in line for line in lines)
     assert result.stdout.startswith(lines[0])
