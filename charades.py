@@ -788,11 +788,9 @@ class CharadesDataset(torch.utils.data.Dataset):
             idx = np.clip(np.floor(pos), 0, n - 1).astype(np.int64)
             frames = src.read(idx.reshape(-1), min_short_side=self.test_crop)
             fps = src.fps
-        positions = (0, 1, 2) if self.spatial_views == 3 else (1,)
-        views = [T.to_cthw(T.scale_uniform_crop(clip, self.test_crop, p))
-                 for clip in frames.split(self.frames) for p in positions]
         times = np.where((pos < 0) | (pos > n - 1), np.nan, idx / fps)
-        return torch.stack(views), {"times": times, "num_frames": n, "fps": fps}
+        views = T.multi_view_crops(frames, self.frames, self.test_crop, self.spatial_views)
+        return views, {"times": times, "num_frames": n, "fps": fps}
 
 
 def collate_test(batch):

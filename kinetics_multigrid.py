@@ -399,11 +399,7 @@ class KineticsDataset(torch.utils.data.Dataset):
 
     def _test_views(self, index):
         """uint8 (temporal_views * spatial_views, 3, frames, test_crop, test_crop), temporal-major."""
-        frames = self.read_test_frames(index)
-        positions = (0, 1, 2) if self.spatial_views == 3 else (1,)
-        views = [T.to_cthw(T.scale_uniform_crop(clip, self.test_crop, position))
-                 for clip in frames.split(self.frames) for position in positions]
-        return torch.stack(views)
+        return T.multi_view_crops(self.read_test_frames(index), self.frames, self.test_crop, self.spatial_views)
 
 
 def collate_test(batch):

@@ -24,8 +24,8 @@ Measured effect on the loader (bench/bench_data.py, 2026-12-01, the 2-core dev m
 CPU, PyAV 18.1; 340x256, 10 s, 30 fps synthetic clips; one process, one thread; KineticsDataset
 training clips per CPU-second, median of interleaved rounds): the prepared copy (short side 256,
 keyframe every 30, crf 23, tune fastdecode) against the original with a keyframe every 250 frames
-gave X3D-S 13x6 49.2 vs 20.5 clips/s (2.40x) and X3D-M 16x5 36.2 vs 16.1 (2.25x); 2.40-2.54x and
-2.08-2.34x over three runs. Of that, the 30-frame keyframes give 1.73x (S) / 1.58x (M) and
+gave X3D-S 13x6 56.7 vs 23.1 clips/s (2.46x) and X3D-M 16x5 45.6 vs 21.2 (2.15x); 2.40-2.49x and
+2.07-2.25x over four runs. Of that, the 30-frame keyframes give 1.73x (S) / 1.58x (M) and
 fastdecode another 1.51x / 1.43x (one change at a time, 8 videos, 5 interleaved rounds);
 fastdecode made the files 12% larger at the same crf and cost 0.05 dB PSNR against the rendered
 frames (29.69 vs 29.74 dB).

@@ -170,6 +170,22 @@ def scale_uniform_crop(clip, size, position):
     return _crop_box_resize(clip, y * fy, x * fx, size * fy, size * fx, size, size)
 
 
+def multi_view_crops(frames, window, size, spatial_views=3):
+    """Multi-view test crops of K windows stored one after another in `frames` ((K * window, H, W, C)),
+    made as PySlowFast makes them: each frame's short side scaled to `size` once, then the start /
+    centre / end size x size crops of the long side (the centre alone when spatial_views == 1).
+    Returns uint8 (K * spatial_views, C, window, size, size), window-major."""
+    if spatial_views not in (1, 3):
+        raise ValueError(f"spatial_views must be 1 (centre) or 3 (start/centre/end), got {spatial_views}")
+    _check_clip(frames)
+    if frames.shape[0] % window:
+        raise ValueError(f"{frames.shape[0]} frames do not split into windows of {window}")
+    positions = (0, 1, 2) if spatial_views == 3 else (1,)
+    scaled = short_side_scale(frames, size)
+    return torch.stack([to_cthw(uniform_crop(clip, size, position))
+                        for clip in scaled.split(window) for position in positions])
+
+
 def random_resized_crop(clip, size, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts=10):
     """Inception-style crop (PySlowFast `random_resized_crop`): area fraction from `scale`, log-uniform
     aspect ratio from `ratio`, up to 10 attempts, then the whole frame clamped to `ratio`; resized to size."""

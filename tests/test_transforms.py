@@ -92,6 +92,22 @@ def test_fused_scale_uniform_crop_equals_scale_then_crop():
         assert (fused.float() - ref.float()).abs().mean() < 1.5
 
 
+def test_multi_view_crops_scale_each_frame_once_then_cut_start_centre_end_of_every_window():
+    frames = smooth_clip(6, 96, 128)  # two windows of 3 frames
+    views = T.multi_view_crops(frames, 3, 64)
+    assert views.shape == (6, 3, 3, 64, 64) and views.dtype == torch.uint8 and views.is_contiguous()
+    scaled = T.short_side_scale(frames, 64)  # PySlowFast: short_side_scale, then uniform_crop
+    for window in range(2):
+        for position in range(3):
+            expected = T.uniform_crop(scaled[3 * window:3 * window + 3], 64, position).permute(3, 0, 1, 2)
+            assert torch.equal(views[3 * window + position], expected)
+    assert torch.equal(T.multi_view_crops(frames, 3, 64, spatial_views=1), views[1::3])
+    with pytest.raises(ValueError, match="spatial_views must be 1"):
+        T.multi_view_crops(frames, 3, 64, spatial_views=2)
+    with pytest.raises(ValueError, match="6 frames do not split into windows of 4"):
+        T.multi_view_crops(frames, 4, 64)
+
+
 def test_fused_random_scale_crop_equals_jitter_then_random_crop():
     clip = smooth_clip(4, 96, 128)
     for seed in range(5):
