@@ -33,13 +33,13 @@ import time
 
 import av
 import numpy as np
-import simplejpeg
 import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import prepare_videos  # noqa: E402
+import synthetic_data  # noqa: E402
 from kinetics_multigrid import KineticsDataset  # noqa: E402
 from multigrid import ClipRequest  # noqa: E402
 from bench_train_step import significant  # noqa: E402
@@ -101,15 +101,6 @@ def write_mp4(path, frames, keyframe_interval, crf=20):
         out.mux(stream.encode(None))
 
 
-def write_jpeg_folder(folder, stem, frames):
-    """JPEG frames `<stem>-000001.jpg`, ... at quality 90 with 4:2:0 chroma, as ffmpeg and OpenCV
-    extract them from yuv420p video."""
-    os.makedirs(folder, exist_ok=True)
-    for t, image in enumerate(frames, 1):
-        with open(os.path.join(folder, f"{stem}-{t:06d}.jpg"), "wb") as handle:
-            handle.write(simplejpeg.encode_jpeg(image, quality=90, colorspace="RGB", colorsubsampling="420"))
-
-
 def make_data(folder, videos, num_frames, workers):
     """Write the bench datasets under `folder`; return {source name: (root, annotation csv, classes)}."""
     roots = {name: os.path.join(folder, name.replace(" ", "_")) for name in SOURCES}
@@ -121,8 +112,11 @@ def make_data(folder, videos, num_frames, workers):
         for name, keyint in (("mp4 k250", 250), ("mp4 k30", 30)):
             os.makedirs(os.path.join(roots[name], label), exist_ok=True)
             write_mp4(os.path.join(roots[name], label, f"{stem}.mp4"), frames, keyint)
-        write_jpeg_folder(os.path.join(roots["jpeg"], label, stem), stem, frames)
-        write_jpeg_folder(os.path.join(roots["jpeg 640x480"], label, stem), stem, render_frames(i, num_frames, *LARGE))
+        # quality 90, 4:2:0 chroma: as ffmpeg and OpenCV extract frames from yuv420p video
+        for name, images in (("jpeg", frames), ("jpeg 640x480", render_frames(i, num_frames, *LARGE))):
+            jpeg_folder = os.path.join(roots[name], label, stem)
+            shutil.rmtree(jpeg_folder, ignore_errors=True)  # a --keep folder from an earlier run is rewritten
+            synthetic_data.write_jpegs(jpeg_folder, stem, images)
         entries.append(prepare_videos.VideoEntry(f"{label}/{stem}.mp4", label))
     prepare_videos.reencode_tree(roots["mp4 k250"], roots["prepared"], entries, short_side=256,
                                  keyframe_interval=30, crf=23, workers=workers)
