@@ -434,10 +434,13 @@ def _render_job(job):
 
 
 def _run_jobs(jobs, workers, progress, description):
-    """Run render jobs in order, on `workers` spawned processes when > 1, with an optional tqdm bar."""
-    from tqdm import tqdm
+    """Run render jobs in order, on `workers` spawned processes when > 1, with optional progress.
 
-    bar = tqdm(total=len(jobs), desc=description, unit="video", disable=not progress)
+    Progress (`progress.Progress`): a tqdm bar in a terminal, plain lines with the time left otherwise.
+    """
+    from progress import Progress
+
+    bar = Progress(len(jobs), description, unit="videos", active=progress)
     if workers <= 1:
         for job in jobs:
             _render_job(job)
@@ -591,7 +594,7 @@ def make_kinetics(root, *, num_classes=10, classes=None, train_per_class=50, val
         os.makedirs(folder, exist_ok=True)
         name = f"{video['youtube_id']}_{video['time_start']:06d}_{video['time_end']:06d}.mp4"
         jobs.append(("mp4", video["spec"], os.path.join(folder, name), {"keyframe_interval": keyframe_interval}))
-    _run_jobs(jobs, workers, progress, "synthetic kinetics")
+    _run_jobs(jobs, workers, progress, f"writing {len(jobs)} synthetic Kinetics-format videos to {root}")
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     for split, key in (("train", "train_csv"), ("val", "val_csv")):
         _write_text(paths[key], kinetics_csv_text([v for v in videos if v["split"] == split]))
@@ -676,7 +679,7 @@ def make_charades(root, *, num_classes=10, classes=None, train_videos=160, test_
                            seconds=(low, high), fps=fps, size=(width, height), difficulty=difficulty, seed=seed)
     os.makedirs(paths["frames_root"], exist_ok=True)
     jobs = [("jpeg", v["spec"], os.path.join(paths["frames_root"], v["id"]), {}) for v in videos]
-    _run_jobs(jobs, workers, progress, "synthetic charades")
+    _run_jobs(jobs, workers, progress, f"writing {len(jobs)} synthetic Charades-format videos (JPEG frames) to {root}")
     for split, key in (("train", "train_csv"), ("test", "test_csv")):
         rows = [_charades_row(v, classes) for v in videos if v["split"] == split]
         text = _csv_text(CHARADES_HEADER, rows)

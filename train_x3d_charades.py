@@ -116,12 +116,19 @@ DEMO_DATA = "data/synthetic_charades"
 CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA", "DEMO_DATASET"))
 
 
+DATA_SETTINGS = ("frames_root", "train_annotations", "test_annotations", "class_list")
+
+
 def demo(cfg, settings=DEMO_SETTINGS) -> None:
-    """Generate the synthetic Charades-format dataset and apply `settings` not set by flags."""
+    """Generate the synthetic Charades-format dataset and apply `settings` not set by flags.
+
+    Dataset flags given with --demo are refused: the demo would replace them.
+    """
     import synthetic_data
+    trainer.refuse_demo_mix(cfg, DATA_SETTINGS, DEMO_DATA)
     try:
         paths = synthetic_data.make_charades(DEMO_DATA, overwrite=True, workers=os.cpu_count() or 1,
-                                             **DEMO_DATASET)
+                                             progress=True, **DEMO_DATASET)
     except ValueError as e:
         raise trainer.SetupError(f"{e}; delete {DEMO_DATA} to regenerate it") from None
     cfg.frames_root, cfg.class_list = paths["frames_root"], paths["classes"]
@@ -135,15 +142,8 @@ def demo(cfg, settings=DEMO_SETTINGS) -> None:
         cfg.pretrained = ""
 
 
-def _dataset(cfg, annotations_flag, mode, target, log):
-    """One CharadesDataset of the configuration; a missing path is a SetupError naming its flag."""
-    annotations = getattr(cfg, annotations_flag.replace("-", "_"))
-    for flag, path in (("frames-root", cfg.frames_root), ("class-list", cfg.class_list),
-                       (annotations_flag, annotations)):
-        if path and not os.path.exists(path):
-            raise trainer.SetupError(
-                f"Charades --{flag} {path!r} does not exist: set --{flag} (or the constant at the "
-                "top of the script), or run --demo")
+def _dataset(cfg, annotations, mode, target, log):
+    """One CharadesDataset of the configuration."""
     return charades.CharadesDataset(
         cfg.frames_root, annotations, mode, classes=cfg.class_list or None, frames=cfg.frames,
         rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
@@ -153,14 +153,18 @@ def _dataset(cfg, annotations_flag, mode, target, log):
 
 
 def build_datasets(cfg, log, test_only=False, target="clip"):
-    """(train, val, test) Charades datasets; val (centre clips) and test (all views) read the test CSV."""
+    """(train, val, test) Charades datasets; val (centre clips) and test (all views) read the test CSV.
+
+    Every path is checked first, in the order of the flags (test only: all but the training CSV).
+    """
     fill_preset(cfg)
+    trainer.check_paths(cfg, [n for n in DATA_SETTINGS if not (test_only and n == "train_annotations")])
     try:
-        test = _dataset(cfg, "test-annotations", "test", target, log)
         if test_only:
-            return None, None, test
-        train = _dataset(cfg, "train-annotations", "train", target, log)
-        val = _dataset(cfg, "test-annotations", "val", target, log)
+            return None, None, _dataset(cfg, cfg.test_annotations, "test", target, log)
+        train = _dataset(cfg, cfg.train_annotations, "train", target, log)
+        val = _dataset(cfg, cfg.test_annotations, "val", target, log)
+        test = _dataset(cfg, cfg.test_annotations, "test", target, log)
     except (ValueError, FileNotFoundError) as e:
         raise trainer.SetupError(str(e)) from None
     if train.num_classes != test.num_classes:
@@ -176,8 +180,8 @@ def random_baseline(metric, shape, labels, seeds=10) -> float:
 
 
 def clip_map(scores, targets) -> dict:
-    """Validation: classify_map of centre-clip sigmoid scores (N, C) against span targets (N, C), in %."""
-    return {"mAP": 100.0 * charades.classify_map(scores.numpy(), targets.numpy()).map,
+    """Validation: classify_map (0-1, as the test) of centre-clip sigmoid scores (N, C) against span targets."""
+    return {"mAP": charades.classify_map(scores.numpy(), targets.numpy()).map,
             "protocol": "centre clip, span targets (not the official test)"}
 
 
@@ -196,7 +200,7 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
     result = charades.classify_map(full, dataset.videos)
     chance = random_baseline(charades.classify_map, full.shape, dataset.videos)
     path = os.path.join(run_dir, "submission_classify.txt")
-    results = {"protocol": protocol, "mAP": 100.0 * result.map, "classify_map": result.map,
+    results = {"protocol": protocol, "mAP": result.map, "classify_map": result.map,
                "random_scores_map": chance, "videos": len(dataset), "failed_videos": len(failed),
                "submission": path}
     log(f"multi-view test ({protocol}): {result} over {len(dataset)} videos ({len(failed)} "
@@ -220,7 +224,7 @@ def num_classes(dataset) -> int:
 
 TASK = trainer.Task(name="charades", build_datasets=build_datasets, loss=loss, val_metrics=clip_map,
                     test=test, primary="mAP", n_classes=num_classes, multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS))
+                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=DATA_SETTINGS)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 
 import charades
 import trainer
-from train_x3d_charades import build_datasets, demo, num_classes, random_baseline
+from progress import Progress
+from train_x3d_charades import DATA_SETTINGS, build_datasets, demo, num_classes, random_baseline
 
 # --------------------------------------------------------------------------- constants (edit me)
 GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
@@ -128,10 +129,10 @@ def loss(logits, targets):
 
 
 def clip_frame_map(scores, targets) -> dict:
-    """Validation: per-frame mAP over the non-padding frames of centre clips (N, C, T), in %."""
+    """Validation: per-frame mAP (0-1) over the non-padding frames of centre clips (N, C, T)."""
     valid = targets[:, 0] >= 0
     s, t = scores.permute(1, 0, 2)[:, valid], targets.permute(1, 0, 2)[:, valid]
-    return {"mAP": 100.0 * charades.frame_map(s.numpy(), t.numpy()).map,
+    return {"mAP": charades.frame_map(s.numpy(), t.numpy()).map,
             "protocol": "per-frame mAP of centre clips (not official)"}
 
 
@@ -146,8 +147,10 @@ def predict_videos(model, dataset, cfg, d) -> tuple:
     net = trainer.unwrap(model)
     net.eval()
     mine, failed = [], []
+    progress = Progress(len(loader), "localization test", unit="batches", active=d.main)
     with trainer.autocast(cfg, d):
         for views, _, index, bad, infos in loader:
+            progress.update()
             failed.extend(bad)
             if len(index) == 0:
                 continue
@@ -164,6 +167,7 @@ def predict_videos(model, dataset, cfg, d) -> tuple:
                 points = charades.interpolate_scores(info["times"], scores, charades.localization_points(video.length))
                 dense = charades.interpolate_scores(info["times"], scores, frames / info["fps"]).T
                 mine.append((i, points, dense.astype(np.float32), info["num_frames"]))
+    progress.close()
     parts = d.gather((mine, failed))
     rows = sorted((r for p in parts for r in p[0]), key=lambda r: r[0])
     return rows, sorted(f for p in parts for f in p[1])
@@ -192,7 +196,7 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
     dense = charades.frame_map(dense_scores, dense_targets)
     flat_shape = (c, sum(s.shape[1] for s in dense_scores))
     results = {
-        "protocol": protocol, "mAP": 100.0 * official.map, "localize_map": official.map,
+        "protocol": protocol, "mAP": official.map, "localize_map": official.map,
         "random_scores_localize_map": random_baseline(charades.localize_map, points.shape, dataset.videos),
         "frame_map": dense.map, "frame_map_protocol": f"{dense.protocol}, every {cfg.frame_map_stride}th frame",
         "random_scores_frame_map": random_baseline(charades.frame_map, flat_shape,
@@ -212,7 +216,7 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
 TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(build_datasets, target="frames"),
                     loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP",
                     n_classes=num_classes, model_task="loc", multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS))
+                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=DATA_SETTINGS)
 
 
 if __name__ == "__main__":

@@ -123,11 +123,18 @@ def fill_preset(cfg) -> None:
     cfg.short_side = list(cfg.short_side) or list(p.train_short_side)
 
 
+DATA_SETTINGS = ("train_root", "train_annotations", "val_root", "val_annotations", "class_list")
+
+
 def demo(cfg) -> None:
-    """Generate the synthetic Kinetics-format dataset; apply the DEMO_SETTINGS not given as flags."""
+    """Generate the synthetic Kinetics-format dataset; apply the DEMO_SETTINGS not given as flags.
+
+    Dataset flags given with --demo are refused: the demo would replace them.
+    """
     import synthetic_data
+    trainer.refuse_demo_mix(cfg, DATA_SETTINGS, DEMO_DATA)
     try:
-        paths = synthetic_data.make_kinetics(DEMO_DATA, progress=sys.stderr.isatty(), overwrite=True,
+        paths = synthetic_data.make_kinetics(DEMO_DATA, progress=True, overwrite=True,
                                              workers=os.cpu_count() or 1, **DEMO_DATASET)
     except ValueError as e:
         raise trainer.SetupError(str(e)) from None
@@ -140,11 +147,6 @@ def demo(cfg) -> None:
 
 
 def _dataset(cfg, root, annotations, mode, log):
-    for what, path in (("root", root), ("annotations", annotations)):
-        if not os.path.exists(path):
-            raise trainer.SetupError(
-                f"Kinetics {mode} {what} {path!r} does not exist: set --{mode}-{what} "
-                "(or the constant at the top of train_x3d_kinetics_multigrid.py), or run --demo")
     return kinetics_multigrid.KineticsDataset(
         root, annotations, mode, class_list=cfg.class_list or None, frames=cfg.frames,
         rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
@@ -153,14 +155,18 @@ def _dataset(cfg, root, annotations, mode, log):
 
 
 def build_datasets(cfg, log, test_only=False):
-    """(train, val, test) Kinetics datasets; val and test read the same validation list."""
+    """(train, val, test) Kinetics datasets; val and test read the same validation list.
+
+    Every path is checked first, in the order of the flags (test only: the validation paths).
+    """
     fill_preset(cfg)
+    trainer.check_paths(cfg, DATA_SETTINGS[2:] if test_only else DATA_SETTINGS)
     try:
-        test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
         if test_only:
-            return None, None, test
+            return None, None, _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
         train = _dataset(cfg, cfg.train_root, cfg.train_annotations, "train", log)
         val = _dataset(cfg, cfg.val_root, cfg.val_annotations, "val", log)
+        test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
     except ValueError as e:
         raise trainer.SetupError(str(e)) from None
     return train, val, test
@@ -196,10 +202,14 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
 
 
 def predict(cfg) -> None:
-    """--predict VIDEO: print the top-5 classes of one video with CHECKPOINT's weights."""
+    """--predict VIDEO: print the top-5 classes of one video with CHECKPOINT's weights.
+
+    The X3D version, the test views and the class names come from the checkpoint when it holds them
+    (trainer.adopt_checkpoint_settings) and the flags do not give them.
+    """
     fill_preset(cfg)
-    if not cfg.checkpoint or not os.path.exists(cfg.checkpoint):
-        raise trainer.SetupError(f"--predict needs --checkpoint PATH (got {cfg.checkpoint!r})")
+    if trainer.describe_adopted(cfg):
+        print("settings " + trainer.describe_adopted(cfg), file=sys.stderr)
     if not os.path.exists(cfg.predict):
         raise trainer.SetupError(f"--predict {cfg.predict}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,11 +237,13 @@ def predict(cfg) -> None:
     top = probs.topk(min(5, n_classes))
     print(f"{cfg.predict}:")
     for p, c in zip(top.values.tolist(), top.indices.tolist()):
-        print(f"  {p:6.3f}  {names[c] if c < len(names) else c}")
+        print(f"  {p:.4f}  {names[c] if c < len(names) else c}")
 
 
 def _class_names(cfg, n_classes) -> list[str]:
-    """Class names from CLASS_LIST, else from the training annotations, else the indices."""
+    """Class names from the checkpoint, else CLASS_LIST, else the training annotations, else indices."""
+    if getattr(cfg, "checkpoint_class_names", None):
+        return list(cfg.checkpoint_class_names)
     if cfg.class_list and os.path.exists(cfg.class_list):
         return kinetics_multigrid.read_class_list(cfg.class_list)
     if os.path.exists(cfg.train_annotations):
@@ -252,7 +264,8 @@ def num_classes(dataset) -> int:
 
 TASK = trainer.Task(name="kinetics", build_datasets=build_datasets, loss=loss,
                     val_metrics=trainer.topk_accuracy, test=test, primary="top1",
-                    n_classes=num_classes, demo=demo, predict=predict)
+                    n_classes=num_classes, demo=demo, predict=predict,
+                    test_data=DATA_SETTINGS[2:])
 
 
 if __name__ == "__main__":

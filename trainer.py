@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 import multigrid
 import transforms
+from progress import Progress
 import x3d
 import x3d_kernels
 
@@ -71,9 +72,9 @@ def constants_of(namespace: dict, exclude=()) -> dict:
             if k.isupper() and k not in exclude and isinstance(v, (bool, int, float, str, list, tuple))}
 
 
-def _constant_comments() -> dict:
-    """NAME -> the comment on its `NAME = value  # comment` line in the running script."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
+def _constant_comments(path: str | None = None) -> dict:
+    """NAME -> the comment on its `NAME = value  # comment` line in `path` (default: the running script)."""
+    path = path or getattr(sys.modules.get("__main__"), "__file__", None)
     if not path or not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -81,11 +82,29 @@ def _constant_comments() -> dict:
         return {m.group(1): m.group(2).strip() for m in pairs if m}
 
 
-def parse_config(constants: dict, argv=None, description: str = "") -> argparse.Namespace:
-    """Turn a script's UPPERCASE constants into command-line flags with those defaults; parse argv."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    comments = _constant_comments()
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers a bad command line with one line (and a "did you mean"), not the usage."""
+
+    def error(self, message: str):
+        """Print `error: ...` with the closest flag for an unknown one; exit 2."""
+        import difflib
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            word = unknown.group(1).split("=")[0]
+            flags = [f for f in self._option_string_actions if f.startswith("--")]
+            close = ([f for f in flags if f.startswith(word)] if len(word) > 3 else [])[:1] \
+                or difflib.get_close_matches(word, flags, n=1, cutoff=0.6)
+            message = (f"unknown {'flag' if word.startswith('-') else 'argument'} {word}"
+                       + (f": did you mean {close[0]}?" if close else ""))
+        message += f" ({self.prog} --help lists every flag)"
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser(constants: dict, description: str = "", comments: dict | None = None):
+    """The command line of a script: one flag per constant, its comment as help, its value as default."""
+    parser = _Parser(description=description, allow_abbrev=False,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = _constant_comments() if comments is None else comments
     for name, value in constants.items():
         flags = [_flag(name)] + (["-gpu"] if name == "GPU" else [])
         shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
@@ -100,6 +119,16 @@ def parse_config(constants: dict, argv=None, description: str = "") -> argparse.
             parser.add_argument(*flags, default=value, type=type(value), help=text)
         else:
             parser.add_argument(*flags, default=value, type=str, help=text)
+    return parser
+
+
+def parse_config(constants: dict, argv=None, description: str = "") -> argparse.Namespace:
+    """Turn a script's UPPERCASE constants into command-line flags with those defaults; parse argv.
+
+    `cfg.explicit` lists the settings given on the command line (abbreviated flags are refused, so
+    every given flag is known by its full name).
+    """
+    parser = build_parser(constants, description)
     cfg = parser.parse_args(argv)
     given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("-")]
     actions = parser._option_string_actions
@@ -230,14 +259,15 @@ def read_metrics(run_dir: str) -> list[dict]:
 class RunLog:
     """The run folder: plain-text log, JSON-lines metrics, TensorBoard events and PNG plots (rank 0)."""
 
-    def __init__(self, run_dir: str, active: bool):
+    def __init__(self, run_dir: str, active: bool, subdirs=("checkpoints",)):
         self.dir = run_dir
         self.active = active
         self.tb = None
         self.bar = None
         if not active:
             return
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        for sub in ("",) + tuple(subdirs):
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
         self._text = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -281,37 +311,56 @@ class RunLog:
                            "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot(self) -> None:
-        """Write training_curves.png: loss, learning rate, clip shape and evaluation metrics."""
+        """Write training_curves.png: loss, learning rate, Multigrid shape and evaluation metrics.
+
+        The x axis counts epochs done, as multigrid.plot_schedule does: a phase that starts at
+        epoch 14 steps at 14 in both pictures, and a record written after an epoch sits at its end.
+        """
         if not self.active:
             return
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
         recs = self.records()
         train = [r for r in recs if r.get("kind") == "train"]
+        phases = [r for r in recs if r.get("kind") == "phase"]
         evals = [r for r in recs if r.get("kind") in ("val", "test")]
         if not train:
             return
         fig, axes = plt.subplots(2, 2, figsize=(11, 7))
         epochs = [r["epoch_float"] for r in train]
         axes[0, 0].plot(epochs, [r["loss"] for r in train])
-        axes[0, 0].set(title="training loss", xlabel="epoch")
+        axes[0, 0].set(title="training loss", xlabel="epoch",
+                       ylabel="loss (mean over the iterations of a log line)")
         axes[0, 1].plot(epochs, [r["lr"] for r in train])
-        axes[0, 1].set(title="learning rate", xlabel="epoch")
+        axes[0, 1].set(title="learning rate", xlabel="epoch", ylabel="learning rate")
         ax = axes[1, 0]
-        ax.step(epochs, [r["batch"] for r in train], where="post", label="per-GPU batch")
-        ax.step(epochs, [r["frames"] for r in train], where="post", label="frames")
-        ax.step(epochs, [r["crop"] for r in train], where="post", label="crop")
-        ax.set(title="Multigrid shape (last iteration logged)", xlabel="epoch", yscale="log")
-        ax.legend()
+        edges = [p["epoch"] for p in phases] + [max(epochs[-1], phases[-1]["epoch"] if phases else 0)]
+        ticks = set()
+        for key, label in (("per_gpu_batch", "batch per GPU (clips)"),
+                           ("frames", "frames per clip"), ("crop", "crop (pixels)")):
+            values = [p[key] for p in phases]
+            ticks.update(values)
+            if values:
+                ax.step(edges, values + values[-1:], where="post", label=label)
+        ax.set(title="Multigrid long-cycle shape", xlabel="epoch", yscale="log",
+               ylabel="value (log scale)")
+        ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.legend(fontsize=8)
         ax = axes[1, 1]
+        primary = evals[0]["primary"] if evals else ""
         for kind in ("val", "test"):
             pts = [(r["epoch"], r[r["primary"]]) for r in evals if r["kind"] == kind]
             if pts:
-                ax.plot(*zip(*pts), "o-", label=f"{kind} {evals[0]['primary']}")
-        ax.set(title="evaluation", xlabel="epoch")
+                ax.plot(*zip(*pts), "o-", label=f"{kind} {primary}")
+        unit = {"top1": "top-1 accuracy (%)", "mAP": "mAP (0-1)"}.get(primary, primary)
+        ax.set(title="evaluation (val: 1 centre clip per video; test: all views)",
+               xlabel="epoch", ylabel=unit)
         if evals:
-            ax.legend()
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(self.dir, "training_curves.png"), dpi=90)
         plt.close(fig)
@@ -405,8 +454,12 @@ def autocast(cfg, d: Dist):
 
 
 def _format(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in metrics.items())
+    """'top1 83.33, videos 60' or 'mAP 0.8742': percentages with 2 decimals, mAPs (0-1) with 4."""
+    def number(k, v):
+        if not isinstance(v, float):
+            return f"{k} {v}"
+        return f"{k} {v:.4f}" if k.lower().endswith("map") else f"{k} {v:.2f}"
+    return ", ".join(number(k, v) for k, v in metrics.items())
 
 
 def _shard(n: int, d: Dist) -> list[int]:
@@ -414,17 +467,20 @@ def _shard(n: int, d: Dist) -> list[int]:
 
 
 @torch.no_grad()
-def predict_clips(model, dataset, cfg, d: Dist, batch_size: int):
+def predict_clips(model, dataset, cfg, d: Dist, batch_size: int, what: str = "validation"):
     """Clip-level predictions over `dataset` (sharded over ranks): (indices, scores, targets) on every rank."""
     loader = DataLoader(dataset, batch_size=batch_size, sampler=_shard(len(dataset), d),
                         num_workers=cfg.workers, pin_memory=d.device.type == "cuda")
     model.eval()
     indices, scores, targets = [], [], []
+    progress = Progress(len(loader), what, unit="batches", active=d.main)
     with autocast(cfg, d):
         for clips, target, index, _failures in loader:
             scores.append(unwrap(model).predict(to_input(clips, d, cfg)).float().cpu())
             targets.append(target)
             indices.append(index)
+            progress.update()
+    progress.close()
     parts = d.gather((torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
                       torch.cat(scores) if scores else None, torch.cat(targets) if targets else None))
     parts = [p for p in parts if p[1] is not None]
@@ -446,8 +502,10 @@ def predict_views(model, dataset, collate, cfg, d: Dist, aggregate: str = "mean"
     model.eval()
     net = unwrap(model)
     indices, scores, labels, failed = [], [], [], []
+    progress = Progress(len(loader), "multi-view test", unit="batches", active=d.main)
     with autocast(cfg, d):
         for views, label, index, bad in loader:
+            progress.update()
             failed.extend(int(i) for i in bad)
             if views is None or len(index) == 0:
                 continue
@@ -459,6 +517,7 @@ def predict_views(model, dataset, collate, cfg, d: Dist, aggregate: str = "mean"
             scores.append((out.mean(1) if aggregate == "mean" else out.amax(1)).cpu())
             labels.append(label)
             indices.append(index)
+    progress.close()
     parts = d.gather((indices, scores, labels, failed))
     idx = torch.cat([i for p in parts for i in p[0]]) if any(p[0] for p in parts) else torch.zeros(0, dtype=torch.long)
     if len(idx) == 0:
@@ -496,6 +555,83 @@ class Task:
     multi_label: bool = False
     demo: Callable | None = None  # (cfg) -> None: make the demo dataset and point cfg at it
     predict: Callable | None = None  # (cfg) -> None: `--predict FILE`, print the top classes
+    test_data: tuple = ()  # settings naming the test data, taken from a checkpoint's run config
+
+
+# What `--eval-only` and `--predict` take from the run config a checkpoint carries when the flag is
+# not given: the network, how its clips are cut (frames, rate, crops, views, frame rate) and where
+# its run folder is; plus the task's `test_data` paths.
+CHECKPOINT_SETTINGS = ("x3d_version", "frames", "rate", "crop", "test_crop", "short_side",
+                       "target_fps", "fps", "inverse_uniform", "test_temporal_views",
+                       "test_spatial_views", "frame_map_stride", "log_dir", "run_name")
+
+
+def adopt_checkpoint_settings(cfg, task: Task) -> None:
+    """`--eval-only` / `--predict`: settings not given as flags come from the checkpoint's run.
+
+    Sets `cfg.from_checkpoint` (the names taken) and `cfg.checkpoint_class_names` (the checkpoint's
+    "class_names", or None). Checkpoints without a run config (FAIR, pytorchvideo, x3d-multigrid)
+    give only what they hold: nothing but the weights, or the X3D version.
+    """
+    if not os.path.isfile(cfg.checkpoint):
+        raise SetupError(f"--checkpoint {cfg.checkpoint}: no such file")
+    try:
+        ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+    except Exception as e:  # any unreadable file: name it
+        raise SetupError(f"--checkpoint {cfg.checkpoint}: cannot be read ({e})") from None
+    ckpt = ckpt if isinstance(ckpt, dict) else {}
+    saved = dict(ckpt.get("config") or {})
+    if "x3d_version" in ckpt:
+        saved["x3d_version"] = ckpt["x3d_version"]
+    cfg.from_checkpoint = [n for n in CHECKPOINT_SETTINGS + tuple(task.test_data)
+                           if n in saved and hasattr(cfg, n) and n not in cfg.explicit
+                           and getattr(cfg, n) != saved[n]]
+    for name in cfg.from_checkpoint:
+        setattr(cfg, name, saved[name])
+    cfg.checkpoint_class_names = ckpt.get("class_names")
+
+
+def describe_adopted(cfg) -> str:
+    """One line naming the settings taken from the checkpoint ('' when none)."""
+    taken = getattr(cfg, "from_checkpoint", [])
+    if not taken:
+        return ""
+    values = ", ".join(f"{_flag(n)} {_shown(getattr(cfg, n))}" for n in taken)
+    return f"from {cfg.checkpoint} (flags given on the command line win): {values}"
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_paths(cfg, names) -> None:
+    """A SetupError for the first of `names` (checked in this order) whose path does not exist.
+
+    The message names the flag, and whether the value was given, came from --checkpoint or is the
+    script's default, and says what to do.
+    """
+    for name in names:
+        path = getattr(cfg, name)
+        if not path or os.path.exists(path):
+            continue
+        flag = _flag(name)
+        if name in cfg.explicit:
+            origin = f"{flag} {path}"
+        elif name in getattr(cfg, "from_checkpoint", ()):
+            origin = f"{flag} {path} (from --checkpoint {cfg.checkpoint})"
+        else:
+            origin = f"{flag} {path} (the default, {name.upper()} at the top of the script)"
+        raise SetupError(f"{origin} does not exist: give {flag} PATH, or edit {name.upper()} at "
+                         "the top of the script, or try --demo")
+
+
+def refuse_demo_mix(cfg, replaced: tuple, data_dir: str) -> None:
+    """--demo writes and uses its own dataset: a dataset flag given with it is an error, not ignored."""
+    given = [_flag(n) for n in replaced if n in cfg.explicit]
+    if given:
+        raise SetupError(f"--demo writes and uses its own dataset ({data_dir}), so it would ignore "
+                         f"{', '.join(given)}: leave {'it' if len(given) == 1 else 'them'} out, or "
+                         "leave out --demo to use your data")
 
 
 def build_model(cfg, task: Task, n_classes: int, log) -> torch.nn.Module:
@@ -561,8 +697,16 @@ def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:
     loader = DataLoader(train_ds, batch_sampler=batches, num_workers=cfg.workers)
     net = unwrap(model)
     x3d.set_bn_splits(net, 1)
+    progress = Progress(len(batches), "precise BN", unit="batches", active=d.main)
+
+    def inputs():
+        for b in loader:
+            x = to_input(b[0], d, cfg)
+            progress.update()
+            yield x
     with autocast(cfg, d):
-        used = x3d.recompute_bn_stats(net, (to_input(b[0], d, cfg) for b in loader), len(batches))
+        used = x3d.recompute_bn_stats(net, inputs(), len(batches))
+    progress.close()
     x3d.set_bn_splits(net, splits)
     average_bn_buffers(model, d)
     return used
@@ -570,10 +714,19 @@ def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:
 
 # ----------------------------------------------------------------------------------------- train
 
+def class_names_of(dataset) -> list[str] | None:
+    """A dataset's class names by label id (Charades: the class codes), or None when it has none."""
+    names = getattr(dataset, "classes", None)
+    if not names:
+        return None
+    return [n if isinstance(n, str) else n[0] for n in names]
+
+
 def _checkpoint_state(model, optimizer, scaler, cfg, task: Task, n_classes, epoch, iteration,
-                      step, best) -> dict:
+                      step, best, class_names=None) -> dict:
     return {"model": unwrap(model).state_dict(), "x3d_version": cfg.x3d_version,
-            "n_classes": n_classes, "task": task.model_task, "multi_label": task.multi_label,
+            "n_classes": n_classes, "class_names": class_names,
+            "task": task.model_task, "multi_label": task.multi_label,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch, "iteration": iteration, "step": step, "best": best,
@@ -694,12 +847,17 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         net = torch.compile(net)
 
     def snapshot(e: int, i: int, s: int) -> dict:
-        return _checkpoint_state(model, optimizer, scaler, cfg, task, n_classes, e, i, s, best)
+        return _checkpoint_state(model, optimizer, scaler, cfg, task, n_classes, e, i, s, best,
+                                 class_names_of(train_ds))
 
     phase = None
     totals = {"failures": 0, "dropped": 0}
     t_start = plotted = time.time()
     epochs.start(epoch, iteration)
+    run_iters = sum(sampler.iterations_in_epoch(e) for e in range(plan.max_epoch))
+    progress = Progress(run_iters, "training", initial=run_iters - len(epochs), active=d.main,
+                        lines=False, leave=True)
+    log.bar = progress
     batches = iter(loader)  # one pass over all remaining epochs (see _EpochChain)
     while epoch < plan.max_epoch:
         if plan.phase(epoch) != phase:
@@ -713,7 +871,8 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         totals["dropped"] += sampler.dropped_in_epoch(epoch) if iteration == 0 else 0
         step = _train_epoch(net, itertools.islice(batches, n_iter - iteration), optimizer, scaler,
                             plan, cfg, d, task, log, epoch, iteration, n_iter, step, totals,
-                            save=lambda e, i, s: save_checkpoint(last_path, snapshot(e, i, s)))
+                            save=lambda e, i, s: save_checkpoint(last_path, snapshot(e, i, s)),
+                            progress=progress)
         epoch, iteration = epoch + 1, 0
         due = cfg.eval_period and epoch % cfg.eval_period == 0
         if val_ds is not None and (due or epoch == plan.max_epoch):
@@ -738,6 +897,8 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
                 log.plot()
                 plotted = time.time()
         d.barrier()
+    progress.close()
+    log.bar = None
     del batches, loader  # stops the training workers before the final evaluation
     fingerprints = d.gather(param_fingerprint(model))
     log.metric({"kind": "ranks", "step": step, "param_fingerprints": fingerprints})
@@ -765,13 +926,9 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
 
 
 def _train_epoch(net, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
-                 start_iteration, n_iter, step, totals, save) -> int:
+                 start_iteration, n_iter, step, totals, save, progress) -> int:
     """One (possibly partial) epoch; returns the global step after it."""
-    from tqdm import tqdm
     net.train()
-    bar = tqdm(total=n_iter, initial=start_iteration, desc=f"epoch {epoch}", leave=False,
-               disable=not (d.main and sys.stderr.isatty()), dynamic_ncols=True)
-    log.bar = None if bar.disable else bar
     window = {"loss": 0.0, "n": 0, "clips": 0, "wait": 0.0, "t0": time.time(), "bad": None}
     iteration = start_iteration
     t_wait = time.time()
@@ -800,22 +957,22 @@ def _train_epoch(net, loader, optimizer, scaler, plan, cfg, d, task, log, epoch,
         window["n"] += 1
         window["clips"] += clips.shape[0] * d.world
         totals["failures"] += int(failures.sum())
-        bar.update(1)
+        progress.update()
         due_ckpt = cfg.checkpoint_iters and step % cfg.checkpoint_iters == 0
         if step % cfg.log_period == 0 or iteration == n_iter or due_ckpt:
-            _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips, totals)
+            _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips, totals,
+                          progress)
             if due_ckpt:
                 average_bn_buffers(net, d)
                 if d.main:
                     save(epoch, iteration, step)
         t_wait = time.time()
-    bar.close()
-    log.bar = None
     return step
 
 
-def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips, totals) -> None:
-    """Log the mean loss and throughput of the last iterations; stop on a non-finite loss."""
+def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips, totals,
+                  progress) -> None:
+    """Log the mean loss, throughput and time left after the last iterations; stop on a non-finite loss."""
     bad, loss, failures = d.sum([float(window["bad"].item()), window["loss"].item() / window["n"],
                                  float(totals["failures"])])
     if bad:
@@ -838,25 +995,37 @@ def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips
     if step % cfg.log_period == 0 or iteration == n_iter:
         log(f"epoch {epoch} it {iteration}/{n_iter} loss {rec['loss']:.4f} lr {lr:.4g} "
             f"shape {rec['batch']}x{rec['frames']}x{rec['crop']}^2 "
-            f"{rec['clips_per_s']:.1f} clips/s data-wait {100 * rec['data_wait']:.0f}%")
+            f"{rec['clips_per_s']:.1f} clips/s data-wait {100 * rec['data_wait']:.0f}%; "
+            f"training {progress.status()}")
     window.update(loss=0.0, n=0, clips=0, wait=0.0, t0=time.time(), bad=None)
 
 
 # ------------------------------------------------------------------------------------ entry point
 
+def eval_dir_for(cfg) -> str:
+    """Where `--eval-only` writes: logs/<run name>/eval_<checkpoint name>/, beside the run's own
+    results (never over them); evaluating the same checkpoint again replaces that folder's files."""
+    name = os.path.splitext(os.path.basename(cfg.checkpoint))[0]
+    return os.path.join(run_dir_for(cfg), f"eval_{name}")
+
+
 def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
-    """`--eval-only --checkpoint PATH`: the multi-view test of any checkpoint x3d.py can load."""
-    log = RunLog(run_dir_for(cfg), d.main)
+    """`--eval-only --checkpoint PATH`: the multi-view test of any checkpoint x3d.py can load.
+
+    Writes log.txt, results.json and the task's per-video files to `eval_dir_for(cfg)`.
+    """
+    out = eval_dir_for(cfg)
+    log = RunLog(out, d.main, subdirs=())
+    if describe_adopted(cfg):
+        log("settings " + describe_adopted(cfg))
     _, _, test_ds = task.build_datasets(cfg, log, test_only=True)
     model = build_model(cfg, task, task.n_classes(test_ds), log)
-    if not os.path.exists(cfg.checkpoint):
-        raise SetupError(f"--checkpoint {cfg.checkpoint}: no such file")
     log(f"evaluating {cfg.checkpoint}: {_summary(_load(model, cfg.checkpoint))}")
     model.to(d.device)
-    results = task.test(model, test_ds, cfg, d, log, run_dir_for(cfg))
+    results = task.test(model, test_ds, cfg, d, log, out)
     if d.main:
-        _atomic_write_text(os.path.join(run_dir_for(cfg), "results.json"),
-                           json.dumps(results, indent=2))
+        _atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
+        log(f"results in {out}")
     log.close()
     return results
 
@@ -884,15 +1053,18 @@ def main(task: Task, constants: dict, argv=None, description: str = "") -> None:
     """Parse the script's constants and command line, then train / evaluate as configured."""
     cfg = parse_config(constants, argv, description)
     try:
+        predict = getattr(cfg, "predict", "")
+        if predict and task.predict is None:
+            raise SetupError(f"{task.name}: --predict is not available for this script")
+        if (cfg.eval_only or predict) and not cfg.checkpoint:
+            raise SetupError(f"{'--predict' if predict else '--eval-only'} needs --checkpoint PATH")
+        if cfg.eval_only or predict:
+            adopt_checkpoint_settings(cfg, task)
         if cfg.demo:
             if task.demo is None:
                 raise SetupError(f"{task.name}: --demo is not available for this script")
             task.demo(cfg)
-        if cfg.eval_only and not cfg.checkpoint:
-            raise SetupError("--eval-only needs --checkpoint PATH")
-        if getattr(cfg, "predict", ""):
-            if task.predict is None:
-                raise SetupError(f"{task.name}: --predict is not available for this script")
+        if predict:
             task.predict(cfg)
             return
         launch(_Bound(task), cfg)
