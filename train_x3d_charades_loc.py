@@ -32,18 +32,19 @@ from torch.utils.data import DataLoader
 import charades
 import trainer
 from progress import Progress
-from train_x3d_charades import DATA_SETTINGS, build_datasets, demo, num_classes, random_baseline
+from train_x3d_charades import DATA_SETTINGS as charades_data
+from train_x3d_charades import build_datasets, demo, num_classes, random_baseline
 
 # --------------------------------------------------------------------------- constants (edit me)
 GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
 CPU_PROCESSES = 1        # CPU only: number of gloo processes (tests, debugging DDP)
 DEMO = False             # generate the synthetic Charades-format dataset and train on it
-RUN_NAME = "charades_loc_x3d_m"
-LOG_DIR = "logs"
+RUN_NAME = "charades_loc_x3d_m"  # run folder name under LOG_DIR; a rerun with the same name resumes
+LOG_DIR = "logs"         # LOG_DIR/RUN_NAME/ holds the run's logs, plots, checkpoints and results
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
 
 FRAMES_ROOT = "/data/charades/Charades_v1_rgb"   # <id>/<id>-000001.jpg at 24 fps (or <id>.mp4)
-TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"
+TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"  # training videos and their actions (Charades_v1 CSV)
 TEST_ANNOTATIONS = "/data/charades/Charades_v1_test.csv"   # also the clip-level validation set
 CLASS_LIST = "/data/charades/Charades_v1_classes.txt"      # empty: 157 classes, index = code number
 FPS = 24                 # frame rate of the frame folders; RATE counts frames at this rate
@@ -56,50 +57,50 @@ CROP = 0                 # train crop; 0: the preset's (160 / 224 / 312)
 TEST_CROP = 0            # 0: the preset's (182 / 256 / 356)
 SHORT_SIDE = []          # train short-side jitter [min, max]; empty: the preset's
 INVERSE_UNIFORM = True   # PySlowFast Charades DATA.INV_UNIFORM_SAMPLE: short side uniform in 1/size
-DROPOUT = 0.5
+DROPOUT = 0.5            # dropout before the classifier
 RANDOM_FLIP = True       # training flip; the synthetic demo's classes need it off
 
 BATCH_SIZE = 16          # global clips per iteration (split over processes)
 BASE_LR = 0.0375         # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
-LR_REFERENCE_BATCH = 16
+LR_REFERENCE_BATCH = 16  # the global batch BASE_LR is meant for
 LR_POLICY = "steps_with_relative_lrs"      # or "cosine"
-STEPS = [0, 41, 49]
-MAX_EPOCH = 57
-GAMMA = 0.1
-WARMUP_EPOCHS = 4.0
-WARMUP_START_LR = 0.0001
-MOMENTUM = 0.9
-NESTEROV = True
-WEIGHT_DECAY = 1e-4
-BN_WEIGHT_DECAY = 0.0
+STEPS = [0, 41, 49]      # epochs where the LR steps down by GAMMA (before Multigrid rescales them)
+MAX_EPOCH = 57           # training epochs (before Multigrid rescales them)
+GAMMA = 0.1              # LR ratio between steps (steps_with_relative_lrs)
+WARMUP_EPOCHS = 4.0      # epochs of linear LR warm-up from WARMUP_START_LR (not rescaled)
+WARMUP_START_LR = 0.0001  # at LR_REFERENCE_BATCH, scaled like BASE_LR
+MOMENTUM = 0.9           # SGD momentum
+NESTEROV = True          # Nesterov momentum
+WEIGHT_DECAY = 1e-4      # weight decay of every parameter but BN's (biases too)
+BN_WEIGHT_DECAY = 0.0    # weight decay of the BN weights and biases
 
 LONG_CYCLE = False       # Multigrid long cycle (off for fine-tuning, see train_x3d_charades.py)
-SHORT_CYCLE = False
-EPOCH_FACTOR = 1.5
-BN_BASE_SIZE = 8
+SHORT_CYCLE = False      # Multigrid short cycle: iterations at smaller crops with bigger batches
+EPOCH_FACTOR = 1.5       # long cycle: the schedule's epochs x this (PySlowFast's 1.5)
+BN_BASE_SIZE = 8         # samples per BN split on each GPU in long-cycle phases
 
 PRECISION = "fp32"       # fp32, bf16 (autocast) or fp16 (autocast + grad scaler)
-CHANNELS_LAST = False
-COMPILE = False
-ACTIVATION_CHECKPOINTING = False
+CHANNELS_LAST = False    # channels-last 3D memory format (faster on recent GPUs)
+COMPILE = False          # torch.compile the model
+ACTIVATION_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, more time
 FAST_DEPTHWISE = True    # CPU: x3d_kernels.py's faster depthwise-conv backward (PyTorch's grads to rounding)
-DETERMINISTIC = False
-THREADS = 0
-SEED = 0
-WORKERS = 8
+DETERMINISTIC = False    # torch's deterministic algorithms; no cuDNN autotuning
+THREADS = 0              # torch intra-op threads per process; 0: torch's default
+SEED = 0                 # seed of the weights, the sampler and every clip
+WORKERS = 8              # data-loading processes per training process
 
-LOG_PERIOD = 20
-EVAL_PERIOD = 6
-CHECKPOINT_PERIOD = 6
-CHECKPOINT_ITERS = 1000
-PRECISE_BN_BATCHES = 200
-TEST_TEMPORAL_VIEWS = 10
-TEST_SPATIAL_VIEWS = 3
-TEST_BATCH = 4
+LOG_PERIOD = 20          # iterations between log lines
+EVAL_PERIOD = 6          # epochs between clip-level validations
+CHECKPOINT_PERIOD = 6    # epochs between kept checkpoints (last.pt is written every epoch)
+CHECKPOINT_ITERS = 1000  # iterations between last.pt updates inside an epoch; 0: off
+PRECISE_BN_BATCHES = 200  # training batches that recompute the BN statistics before an evaluation
+TEST_TEMPORAL_VIEWS = 10  # clips per video in the multi-view test, spread over the video
+TEST_SPATIAL_VIEWS = 3   # 3: three crops at TEST_CROP; 1: centre crop
+TEST_BATCH = 4           # videos per test batch (each with all its views)
 FRAME_MAP_STRIDE = 4     # dense frame-mAP on every Nth frame (1: every frame; memory grows with it)
 
-EVAL_ONLY = False
-CHECKPOINT = ""
+EVAL_ONLY = False        # multi-view test of CHECKPOINT, no training
+CHECKPOINT = ""          # for --eval-only / --predict; settings it holds apply unless given as flags
 
 # The demo: X3D-XS fine-tuned from the classification demo's weights (from scratch without them).
 DEMO_SETTINGS = dict(
@@ -216,7 +217,7 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
 TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(build_datasets, target="frames"),
                     loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP",
                     n_classes=num_classes, model_task="loc", multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=DATA_SETTINGS)
+                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=charades_data)
 
 
 if __name__ == "__main__":

@@ -24,16 +24,16 @@ import x3d
 GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
 CPU_PROCESSES = 1        # CPU only: number of gloo processes (tests, debugging DDP)
 DEMO = False             # generate the synthetic Kinetics-format dataset and train on it
-RUN_NAME = "kinetics_x3d_m"
-LOG_DIR = "logs"
+RUN_NAME = "kinetics_x3d_m"  # run folder name under LOG_DIR; a rerun with the same name resumes
+LOG_DIR = "logs"         # LOG_DIR/RUN_NAME/ holds the run's logs, plots, checkpoints and results
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
 
 TRAIN_ROOT = "/data/kinetics400/train"     # <label>/<youtube_id>_<start>_<end>.mp4 (or frames)
 TRAIN_ANNOTATIONS = "/data/kinetics400/annotations/train.csv"   # Kinetics CSV, `path label`, JSON
-VAL_ROOT = "/data/kinetics400/val"
-VAL_ANNOTATIONS = "/data/kinetics400/annotations/validate.csv"
+VAL_ROOT = "/data/kinetics400/val"  # validation videos, for the clip-level validation and the multi-view test
+VAL_ANNOTATIONS = "/data/kinetics400/annotations/validate.csv"  # validation list: Kinetics CSV, `path label` or x3d-multigrid JSON
 CLASS_LIST = ""          # one class name per line; empty: alphabetical order of the names
-TARGET_FPS = 30
+TARGET_FPS = 30          # videos are read at this frame rate; RATE counts frames at it
 
 X3D_VERSION = "M"        # XS, S, M, L, XL
 PRETRAINED = ""          # initial weights: FAIR .pyth, pytorchvideo, x3d-multigrid .pt, ours
@@ -42,49 +42,49 @@ RATE = 0                 # frame stride at TARGET_FPS; 0: the preset's (XS 12, S
 CROP = 0                 # train crop; 0: the preset's (160 / 224 / 312)
 TEST_CROP = 0            # 0: the preset's (182 / 256 / 356)
 SHORT_SIDE = []          # train short-side jitter [min, max]; empty: the preset's
-DROPOUT = 0.5
+DROPOUT = 0.5            # dropout before the classifier
 RANDOM_FLIP = True       # training flip; the synthetic demo's classes need it off
 
 BATCH_SIZE = 128         # global clips per iteration at the full shape (split over processes)
 BASE_LR = 0.1            # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
-LR_REFERENCE_BATCH = 128
+LR_REFERENCE_BATCH = 128  # the global batch BASE_LR is meant for
 LR_POLICY = "cosine"     # X3D's recipe; or "steps_with_relative_lrs" (PySlowFast's Multigrid)
 STEPS = [0, 118, 193, 246]  # epochs that place the long cycles (cosine) or the LR steps
 MAX_EPOCH = 300          # before Multigrid rescales it (x epoch factor 1.5 -> 450)
 GAMMA = 0.1              # LR ratio between steps (steps_with_relative_lrs)
-WARMUP_EPOCHS = 35.0
+WARMUP_EPOCHS = 35.0     # epochs of linear LR warm-up from WARMUP_START_LR (not rescaled)
 WARMUP_START_LR = 0.01   # at LR_REFERENCE_BATCH, scaled like BASE_LR
-MOMENTUM = 0.9
-NESTEROV = True
-WEIGHT_DECAY = 5e-5
-BN_WEIGHT_DECAY = 0.0
+MOMENTUM = 0.9           # SGD momentum
+NESTEROV = True          # Nesterov momentum
+WEIGHT_DECAY = 5e-5      # weight decay of every parameter but BN's (biases too)
+BN_WEIGHT_DECAY = 0.0    # weight decay of the BN weights and biases
 
-LONG_CYCLE = True
-SHORT_CYCLE = True
-EPOCH_FACTOR = 1.5
+LONG_CYCLE = True        # Multigrid long cycle: phases of bigger batches of smaller clips
+SHORT_CYCLE = True       # Multigrid short cycle: iterations at smaller crops with bigger batches
+EPOCH_FACTOR = 1.5       # long cycle: the schedule's epochs x this (PySlowFast's 1.5)
 BN_BASE_SIZE = 8         # samples per BN split on each GPU in long-cycle phases
 
 PRECISION = "fp32"       # fp32, bf16 (autocast) or fp16 (autocast + grad scaler)
-CHANNELS_LAST = False
-COMPILE = False
-ACTIVATION_CHECKPOINTING = False
+CHANNELS_LAST = False    # channels-last 3D memory format (faster on recent GPUs)
+COMPILE = False          # torch.compile the model
+ACTIVATION_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, more time
 FAST_DEPTHWISE = True    # CPU: x3d_kernels.py's faster depthwise-conv backward (PyTorch's grads to rounding)
-DETERMINISTIC = False
+DETERMINISTIC = False    # torch's deterministic algorithms; no cuDNN autotuning
 THREADS = 0              # torch intra-op threads per process; 0: torch's default
-SEED = 0
+SEED = 0                 # seed of the weights, the sampler and every clip
 WORKERS = 8              # data-loading processes per training process
 
 LOG_PERIOD = 20          # iterations between log lines
 EVAL_PERIOD = 10         # epochs between clip-level validations
 CHECKPOINT_PERIOD = 10   # epochs between kept checkpoints (last.pt is written every epoch)
 CHECKPOINT_ITERS = 1000  # iterations between last.pt updates inside an epoch; 0: off
-PRECISE_BN_BATCHES = 200
-TEST_TEMPORAL_VIEWS = 10
+PRECISE_BN_BATCHES = 200  # training batches that recompute the BN statistics before an evaluation
+TEST_TEMPORAL_VIEWS = 10  # clips per video in the multi-view test, spread over the video
 TEST_SPATIAL_VIEWS = 3   # 3: 30-view protocol at TEST_CROP; 1: centre crop
 TEST_BATCH = 4           # videos per test batch (each with all its views)
 
 EVAL_ONLY = False        # multi-view test of CHECKPOINT, no training
-CHECKPOINT = ""
+CHECKPOINT = ""          # for --eval-only / --predict; settings it holds apply unless given as flags
 PREDICT = ""             # a video file: print its top-5 classes with CHECKPOINT's weights
 
 # The demo: X3D-XS on the synthetic dataset, sized for a 2-core CPU (see README for its numbers).

@@ -1057,7 +1057,8 @@ def main(task: Task, constants: dict, argv=None, description: str = "") -> None:
         if predict and task.predict is None:
             raise SetupError(f"{task.name}: --predict is not available for this script")
         if (cfg.eval_only or predict) and not cfg.checkpoint:
-            raise SetupError(f"{'--predict' if predict else '--eval-only'} needs --checkpoint PATH")
+            raise SetupError(f"{f'--predict {predict}' if predict else '--eval-only'} needs "
+                             "--checkpoint PATH")
         if cfg.eval_only or predict:
             adopt_checkpoint_settings(cfg, task)
         if cfg.demo:

@@ -197,7 +197,7 @@ def multiview_test(flags: list[str], checkpoint: str, log_dir: str) -> dict:
     argv = flags + ["--eval-only", "--checkpoint", checkpoint, "--log-dir", log_dir, "--run-name", name]
     with open(os.path.join(log_dir, "console.txt"), "a") as out, contextlib.redirect_stdout(out):
         trainer.main(kinetics.TASK, kinetics.CONSTANTS, argv)
-    with open(os.path.join(log_dir, name, "results.json")) as f:
+    with open(os.path.join(log_dir, name, f"eval_{name}", "results.json")) as f:  # trainer.eval_dir_for
         return json.load(f)
 
 

@@ -106,9 +106,10 @@ def score_held_out(kind, data, tmp_path, trained):
                     "checkpoint": str(tmp_path / trained / "checkpoints" / "final.pt")})
     done = run(cmd + ["--eval-only"])
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / run_name / "results.json").read_text())
+    out = tmp_path / run_name / "eval_final"  # named by the checkpoint
+    results = json.loads((out / "results.json").read_text())
     assert results["videos"] == 8 and results["failed_videos"] == 0
-    assert_cli_scores(kind, data["test_csv"], tmp_path / run_name / SUBMISSIONS[kind], results)
+    assert_cli_scores(kind, data["test_csv"], out / SUBMISSIONS[kind], results)
 
 
 @pytest.mark.slow

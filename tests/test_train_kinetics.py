@@ -3,6 +3,7 @@
 Every run is the real script in a subprocess: real H.264 files decoded by PyAV, real DataLoader
 workers, real checkpoints on disk, real gloo processes for DDP, a real SIGKILL.
 """
+import csv
 import json
 import math
 import os
@@ -123,16 +124,26 @@ def test_multigrid_run_kill_resume_and_test(data, tmp_path):
                         model_state(run_dir / "checkpoints" / "final.pt"))
     assert [r["step"] for r in records(tmp_path / "killed", "train")] == [r["step"] for r in train]
 
-    # Any checkpoint runs through the multi-view test, and one video through --predict.
+    # From final.pt alone (its run's settings, data paths and class names travel with it): the
+    # multi-view test, written beside the run's results and not over them, and --predict of one
+    # test video, which prints the run's top class and probability for it.
     final = str(run_dir / "checkpoints" / "final.pt")
-    ev = run(base_args(data, tmp_path, "eval", **{"checkpoint": final}) + ["--eval-only"])
+    kept = {n: (run_dir / n).read_bytes() for n in ("results.json", "test_predictions.csv")}
+    alone = [sys.executable, SCRIPT, "--checkpoint", final, "--threads", "1", "--workers", "0"]
+    ev = run(alone + ["--eval-only"])
     assert ev.returncode == 0, ev.stderr[-3000:]
-    assert json.loads((tmp_path / "eval" / "results.json").read_text())["top1"] == results["top1"]
-    video = next(os.path.join(dp, f) for dp, _, fs in os.walk(data["val_root"]) for f in fs
-                 if f.endswith(".mp4"))
-    pred = run(base_args(data, tmp_path, "p", **{"checkpoint": final, "predict": video}))
+    assert "--x3d-version XS" in ev.stdout and "--val-root" in ev.stdout  # taken from final.pt
+    assert json.loads((run_dir / "eval_final" / "results.json").read_text())["top1"] == results["top1"]
+    assert (run_dir / "eval_final" / "test_predictions.csv").exists()
+    assert {n: (run_dir / n).read_bytes() for n in kept} == kept
+    with open(run_dir / "test_predictions.csv") as f:
+        row = next(csv.DictReader(f))
+    pred = run(alone + ["--predict", row["path"]])
     assert pred.returncode == 0, pred.stderr[-3000:]
-    assert len(pred.stdout.strip().splitlines()) == 1 + 3  # the path, then the top (3) classes
+    lines = pred.stdout.strip().splitlines()
+    assert len(lines) == 1 + 3  # the path, then the top (3) classes
+    prob, name = lines[1].split(maxsplit=1)
+    assert name == row["top1"] and abs(float(prob) - float(row["top1_prob"])) <= 2e-4, (lines, row)
 
 
 @pytest.mark.slow
