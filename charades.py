@@ -5,7 +5,7 @@ Scoring a submission file against an annotation CSV (prints ``mAP: <fraction>``,
     python charades.py classify --annotations Charades_v1_test.csv --submission cls.txt [--classes Charades_v1_classes.txt]
     python charades.py localize --annotations Charades_v1_test.csv --submission loc.txt [--classes Charades_v1_classes.txt]
 
-The official numbers follow ``Charades_v1_classify.m`` / ``Charades_v1_localize.m`` (see REFERENCE.md).
+The official numbers follow ``Charades_v1_classify.m`` / ``Charades_v1_localize.m`` (docs/reference.md).
 The dense per-frame mAP of x3d-multigrid / Super-Events is a different number and is always labelled
 as such. PySlowFast's Charades ``get_map`` uses scikit-learn's average precision (ties grouped, videos
 without actions kept as negatives), so it can differ from the official mAP; this repo reports the official one.

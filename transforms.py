@@ -5,7 +5,8 @@ decoders produce (`video_io`); `to_cthw` turns the final clip into the (C, T, H,
 Resizing runs `torch.nn.functional.interpolate` on uint8 directly (bilinear, antialiased when
 downscaling); a (T, H, W, C) tensor viewed as (T, C, H, W) is channels-last, torch's fast uint8 path.
 The fused `random_scale_crop` / `scale_uniform_crop` cut the window out of the source frames first
-and resize only that window, which REFERENCE.md measured about 10x cheaper than per-frame PIL.
+and resize only that window: 544 X3D-S clips/s per core against 54 for per-frame PIL
+(docs/reference.md).
 Every random function takes an explicit `torch.Generator`. PySlowFast numbers reproduced here:
 short-side size floor(long / short * size), random crop offsets in [0, L - size) (numpy's exclusive
 randint: the last offset is never drawn), centre offset ceil((L - size) / 2), temporal windows

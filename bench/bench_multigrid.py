@@ -1,12 +1,12 @@
 """Multigrid against constant-shape training: multi-view accuracy against wall-clock, one model, one GPU.
 
-    python bench/bench_multigrid.py                               # X3D-S on one GPU: the issue-8 measurement
+    python bench/bench_multigrid.py                               # X3D-S on one GPU: the measurement
     python bench/bench_multigrid.py --tiny --device cpu           # CPU smoke run of the machinery (numbers meaningless)
     python bench/bench_multigrid.py --runs constant               # one run per command; a later call with
     python bench/bench_multigrid.py --runs multigrid              #   the same --out-dir reports both
 
-On the device machine (one H100, 16 cores, 10 minutes a command) one command does it all; it needs the
-PyAV wheel carried in: bench/README.md gives the command.
+Sized so that one command does it all in about 6-8 minutes on one H100 with 16 CPU cores (an estimate,
+not measured yet: bench/README.md); it needs PyAV.
 
 It generates a synthetic Kinetics-format dataset (`synthetic_data.make_kinetics`; defaults: 10 motion
 classes x (200 train + 20 val) H.264 videos of 3 s at 30 fps, 128x96, "medium" difficulty, 16

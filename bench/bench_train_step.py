@@ -18,8 +18,8 @@ shrinks them.
 
 Memory-traffic floor: forward activation values per clip are counted with forward hooks (outputs of
 every conv / linear, every batch norm and the ReLU / Swish after it); an unfused training step is
-assumed to move `--traffic-factor` (4.5) times their bytes (REFERENCE.md: 4-5x the forward
-activations), 4 bytes a value in fp32 rows and 2 in bf16 rows. At `--bandwidth-gbs` (3000, an H100)
+assumed to move `--traffic-factor` (4.5) times their bytes (docs/reference.md: 4-5x the
+forward activations), 4 bytes a value in fp32 rows and 2 in bf16 rows. At `--bandwidth-gbs` (3000, an H100)
 that gives the floor's clips/s; the "of floor" column is each row's share of it.
 """
 import argparse
@@ -207,7 +207,7 @@ def activation_values(version, frames, crop):
     Counted with forward hooks on this repo's model (on the meta device). Every batch norm except
     the projection shortcut's is followed by a ReLU or Swish of its size (the last BN of a block
     through the residual ReLU), so those BN outputs count twice. X3D-M 16x224: 251.8 M values;
-    REFERENCE.md's 260 M counted pytorchvideo's leaf modules, which adds 9.8 M Identity outputs.
+    docs/reference.md's 260 M counted pytorchvideo's leaf modules, which adds 9.8 M Identity outputs.
     """
     with torch.device("meta"):
         model = x3d.generate_model(version).train()
@@ -337,7 +337,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda", help="torch device (default cuda; cpu with --quick for a smoke run)")
     parser.add_argument("--bandwidth-gbs", type=float, default=3000.0, help="card memory bandwidth in GB/s for the floor")
     parser.add_argument("--traffic-factor", type=float, default=4.5,
-                        help="bytes a step moves, in units of the forward activation bytes (REFERENCE.md: 4-5)")
+                        help="bytes a step moves, in units of the forward activation bytes (docs/reference.md: 4-5)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 in fp32 rows for matmuls as well as convolutions")
     parser.add_argument("--out", default="bench_train_step_table.md", help="file the table is written to (markdown)")
     args = parser.parse_args(argv)

@@ -97,8 +97,8 @@ def test_cpu_fast_depthwise_row_at_a_chosen_shape(tmp_path):
 
 
 def test_activation_count_of_x3d_m_matches_reference():
-    """X3D-M 16x224: 251.8 M values per clip (REFERENCE.md: ~260 M with pytorchvideo's 9.8 M Identity outputs),
-    so the fp32 floor at 3 TB/s and 4.5x traffic is ~660 clips/s (REFERENCE.md: about 650)."""
+    """X3D-M 16x224: 251.8 M values per clip (docs/reference.md: ~260 M with pytorchvideo's 9.8 M Identity outputs),
+    so the fp32 floor at 3 TB/s and 4.5x traffic is ~660 clips/s (docs/reference.md: about 650)."""
     values = bts.activation_values("M", 16, 224)
     assert values == 251_839_512
     assert 640 < bts.floor_clips_per_s(values, "fp32", 3000.0, 4.5) < 680
