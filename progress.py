@@ -80,10 +80,10 @@ class Progress:
             print(line, flush=True)
 
     def close(self) -> None:
-        """Close the bar; the plain lines end with the total time."""
+        """Close the bar; plain lines end with the total time when the work took an interval or more."""
         if self.bar is not None:
             self.bar.close()
-        if self.lines:
+        if self.lines and time.time() - self.t0 >= self.interval:
             stamped(f"{self.what}: {self.count}/{self.total} {self.unit} in "
                     f"{duration(time.time() - self.t0)}")
         self.bar, self.lines = None, False
