@@ -346,7 +346,11 @@ class RunLog:
                 ax.step(edges, values + values[-1:], where="post", label=label)
         ax.set(title="Multigrid long-cycle shape", xlabel="epoch", yscale="log",
                ylabel="value (log scale)")
-        ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+        kept = []  # the values drawn, as ticks; one of two closer than 20% would overlap its label
+        for value in sorted(ticks):
+            if not kept or value >= 1.2 * kept[-1]:
+                kept.append(value)
+        ax.yaxis.set_major_locator(FixedLocator(kept))
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=8)

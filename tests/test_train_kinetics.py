@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def test_multigrid_run_kill_resume_and_test(data, tmp_path):
     assert results["videos"] == 6 and "temporal" in results["protocol"]
     assert 0.0 <= results["top1"] <= 100.0
     assert "multi-view test" in full.stdout and "Traceback" not in full.stderr
+    assert re.search(r"loss .* training \d+/\d+ it, \d+ s left", full.stdout)  # time left, in a log
 
     # The twin: killed with SIGKILL right after its first mid-epoch checkpoint, then resumed.
     cmd = base_args(data, tmp_path, "killed")
