@@ -117,6 +117,7 @@ CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA
 
 
 DATA_SETTINGS = ("frames_root", "train_annotations", "test_annotations", "class_list")
+TEST_DATA = ("frames_root", "test_annotations", "class_list")
 
 
 def demo(cfg, settings=DEMO_SETTINGS) -> None:
@@ -158,7 +159,7 @@ def build_datasets(cfg, log, test_only=False, target="clip"):
     Every path is checked first, in the order of the flags (test only: all but the training CSV).
     """
     fill_preset(cfg)
-    trainer.check_paths(cfg, [n for n in DATA_SETTINGS if not (test_only and n == "train_annotations")])
+    trainer.check_paths(cfg, TEST_DATA if test_only else DATA_SETTINGS)
     try:
         if test_only:
             return None, None, _dataset(cfg, cfg.test_annotations, "test", target, log)
@@ -224,7 +225,7 @@ def num_classes(dataset) -> int:
 
 TASK = trainer.Task(name="charades", build_datasets=build_datasets, loss=loss, val_metrics=clip_map,
                     test=test, primary="mAP", n_classes=num_classes, multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=DATA_SETTINGS)
+                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=TEST_DATA)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 import charades
 import trainer
 from progress import Progress
-from train_x3d_charades import DATA_SETTINGS as charades_data
+from train_x3d_charades import TEST_DATA as charades_test_data
 from train_x3d_charades import build_datasets, demo, num_classes, random_baseline
 
 # --------------------------------------------------------------------------- constants (edit me)
@@ -217,7 +217,7 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
 TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(build_datasets, target="frames"),
                     loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP",
                     n_classes=num_classes, model_task="loc", multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=charades_data)
+                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=charades_test_data)
 
 
 if __name__ == "__main__":

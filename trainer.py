@@ -1023,6 +1023,7 @@ def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
     if describe_adopted(cfg):
         log("settings " + describe_adopted(cfg))
     _, _, test_ds = task.build_datasets(cfg, log, test_only=True)
+    cfg.pretrained = ""  # the checkpoint's weights replace any initial weights
     model = build_model(cfg, task, task.n_classes(test_ds), log)
     log(f"evaluating {cfg.checkpoint}: {_summary(_load(model, cfg.checkpoint))}")
     model.to(d.device)
