@@ -314,7 +314,7 @@ class RunLog:
         """Write training_curves.png: loss, learning rate, Multigrid shape and evaluation metrics.
 
         The x axis counts epochs done, as multigrid.plot_schedule does: a phase that starts at
-        epoch 14 steps at 14 in both pictures, and a record written after an epoch sits at its end.
+        epoch 14 steps at 14 in both pictures, and a log line's loss and LR span its iterations.
         """
         if not self.active:
             return
@@ -330,11 +330,17 @@ class RunLog:
             return
         fig, axes = plt.subplots(2, 2, figsize=(11, 7))
         epochs = [r["epoch_float"] for r in train]
-        axes[0, 0].plot(epochs, [r["loss"] for r in train])
+        # A record covers the iterations of its log line, which end at its epoch_float: its mean
+        # loss (and its LR) is drawn over that span, from the record before it (the first one from
+        # the epoch training started at).
+        start = [phases[0]["epoch"]] if phases and phases[0]["epoch"] < epochs[0] else []
+        for ax, key in ((axes[0, 0], "loss"), (axes[0, 1], "lr")):
+            values = [r[key] for r in train]
+            ax.step(start + epochs, values[:len(start)] + values, where="pre")
         axes[0, 0].set(title="training loss", xlabel="epoch",
                        ylabel="loss (mean over the iterations of a log line)")
-        axes[0, 1].plot(epochs, [r["lr"] for r in train])
-        axes[0, 1].set(title="learning rate", xlabel="epoch", ylabel="learning rate")
+        axes[0, 1].set(title="learning rate (of the last iteration of a log line)", xlabel="epoch",
+                       ylabel="learning rate")
         ax = axes[1, 0]
         edges = [p["epoch"] for p in phases] + [max(epochs[-1], phases[-1]["epoch"] if phases else 0)]
         ticks = set()
