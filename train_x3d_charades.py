@@ -40,7 +40,7 @@ LOG_DIR = "logs"         # LOG_DIR/RUN_NAME/ holds the run's logs, plots, checkp
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
 
 FRAMES_ROOT = "/data/charades/Charades_v1_rgb"   # <id>/<id>-000001.jpg at 24 fps (or <id>.mp4)
-TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"  # training videos and their actions (Charades_v1 CSV)
+TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"  # training videos and their actions
 TEST_ANNOTATIONS = "/data/charades/Charades_v1_test.csv"   # also the clip-level validation set
 CLASS_LIST = "/data/charades/Charades_v1_classes.txt"      # empty: 157 classes, index = code number
 FPS = 24                 # frame rate of the frame folders; RATE counts frames at this rate
@@ -181,7 +181,7 @@ def random_baseline(metric, shape, labels, seeds=10) -> float:
 
 
 def clip_map(scores, targets) -> dict:
-    """Validation: classify_map (0-1, as the test) of centre-clip sigmoid scores (N, C) against span targets."""
+    """Validation: classify_map (0-1, as the test) of centre-clip sigmoid scores against span targets."""
     return {"mAP": charades.classify_map(scores.numpy(), targets.numpy()).map,
             "protocol": "centre clip, span targets (not the official test)"}
 

@@ -44,7 +44,7 @@ LOG_DIR = "logs"         # LOG_DIR/RUN_NAME/ holds the run's logs, plots, checkp
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
 
 FRAMES_ROOT = "/data/charades/Charades_v1_rgb"   # <id>/<id>-000001.jpg at 24 fps (or <id>.mp4)
-TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"  # training videos and their actions (Charades_v1 CSV)
+TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"  # training videos and their actions
 TEST_ANNOTATIONS = "/data/charades/Charades_v1_test.csv"   # also the clip-level validation set
 CLASS_LIST = "/data/charades/Charades_v1_classes.txt"      # empty: 157 classes, index = code number
 FPS = 24                 # frame rate of the frame folders; RATE counts frames at this rate

@@ -30,8 +30,8 @@ RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt whe
 
 TRAIN_ROOT = "/data/kinetics400/train"     # <label>/<youtube_id>_<start>_<end>.mp4 (or frames)
 TRAIN_ANNOTATIONS = "/data/kinetics400/annotations/train.csv"   # Kinetics CSV, `path label`, JSON
-VAL_ROOT = "/data/kinetics400/val"  # validation videos, for the clip-level validation and the multi-view test
-VAL_ANNOTATIONS = "/data/kinetics400/annotations/validate.csv"  # validation list: Kinetics CSV, `path label` or x3d-multigrid JSON
+VAL_ROOT = "/data/kinetics400/val"         # videos of the validation and the multi-view test
+VAL_ANNOTATIONS = "/data/kinetics400/annotations/validate.csv"  # Kinetics CSV, `path label`, JSON
 CLASS_LIST = ""          # one class name per line; empty: alphabetical order of the names
 TARGET_FPS = 30          # videos are read at this frame rate; RATE counts frames at it
 
