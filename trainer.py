@@ -586,9 +586,9 @@ def adopt_checkpoint_settings(cfg, task: Task) -> None:
     if not os.path.isfile(cfg.checkpoint):
         raise SetupError(f"--checkpoint {cfg.checkpoint}: no such file")
     try:
-        ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
-    except Exception as e:  # any unreadable file: name it
-        raise SetupError(f"--checkpoint {cfg.checkpoint}: cannot be read ({e})") from None
+        ckpt, _ = x3d._load_file(cfg.checkpoint)  # the loader x3d.load_pretrained uses
+    except ValueError as e:
+        raise SetupError(f"--checkpoint {e}") from None
     ckpt = ckpt if isinstance(ckpt, dict) else {}
     saved = dict(ckpt.get("config") or {})
     if "x3d_version" in ckpt:

@@ -82,3 +82,7 @@ def test_eval_and_predict_need_an_existing_checkpoint(capsys, tmp_path):
     gone = str(tmp_path / "final.pt")
     assert f"--checkpoint {gone}: no such file" in fails(
         capsys, kinetics, ["--eval-only", "--checkpoint", gone])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a checkpoint")
+    assert f"cannot read checkpoint {garbage}" in fails(
+        capsys, kinetics, ["--predict", "v.mp4", "--checkpoint", str(garbage)])
