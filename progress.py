@@ -2,8 +2,9 @@
 
 Writing a dataset, training and evaluation can take minutes to days. In a terminal a tqdm bar on
 stderr shows the count, the rate and the time left; when stderr is not a terminal (a log file, a
-job scheduler) a bar would only write control characters, so a plain line with the same facts is
-printed on stdout at the start and then every `interval` seconds.
+job scheduler) a bar would only write control characters, so a plain line with the same facts goes
+to stderr at the start and then every `interval` seconds. Both go to stderr, the stream whose
+terminal decides between them, so stdout keeps only results (a log, JSON, a prediction).
 """
 import sys
 import time
@@ -22,8 +23,8 @@ def duration(seconds: float) -> str:
 
 
 def stamped(message: str) -> None:
-    """Print one line on stdout with the time of day, as the run log does."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """Print one line on stderr with the time of day, as the run log does."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -73,7 +74,7 @@ class Progress:
             self.printed = time.time()
 
     def write(self, line: str) -> None:
-        """Print a line without breaking the bar."""
+        """Print a line on stdout without breaking the bar."""
         if self.bar is not None:
             self.bar.write(line)
         else:

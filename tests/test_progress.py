@@ -5,14 +5,14 @@ import progress
 
 
 def test_plain_lines_carry_the_count_and_the_time_left(capsys):
-    """Under pytest stderr is not a terminal: a start line, a line per interval with the time left,
-    and a closing line with the total time (the work took at least one interval)."""
+    """Under pytest stderr is not a terminal: on stderr, a start line, a line per interval with the
+    time left, and a closing line with the total time (the work took at least one interval)."""
     work = progress.Progress(3, "writing videos", unit="videos", interval=0.01)
     for _ in range(3):
         time.sleep(0.02)
         work.update()
     work.close()
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     assert lines[0].endswith("writing videos: 0/3 videos ...")
     assert any(line.endswith("writing videos: 2/3 videos, 0 s left") for line in lines[1:-1]), lines
     assert lines[-1].endswith("writing videos: 3/3 videos in 0 s")
@@ -33,4 +33,4 @@ def test_inactive_progress_prints_nothing(capsys):
     work = progress.Progress(2, "test", active=False, interval=0)
     work.update(2)
     work.close()
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().err == ""
