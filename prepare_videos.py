@@ -2,19 +2,25 @@
 
     python prepare_videos.py ROOT [--reencode NEW_ROOT --short-side 256] [--workers 8] [--drop-bad]
 
-1. Annotations from `ROOT/<label>/<file>`: when every file stem parses as the official
+1. Annotations from `ROOT/<label>/<file>` (video files) and `ROOT/<label>/<video>/` (JPEG frame
+   folders): when every stem parses as the official
    `<youtube_id>_<start:06d>_<end:06d>`, an official-style Kinetics CSV
    (`label,youtube_id,time_start,time_end,split`), else a `path label_index` list; plus `classes.txt`
    (alphabetical, one name a line; the label is the folder name as written). Both load with
    `kinetics_multigrid.KineticsDataset(root, annotations, class_list=classes.txt)`.
-2. Decode check (PyAV): open, read the stream header, decode frames at the start, middle and end
-   (strict: a stream that ends before its stated frame count fails). Bad files are printed with
-   the reason and written to `bad_videos.txt`; the exit code is 1 unless `--drop-bad` leaves them
-   out of the annotations.
-3. `--reencode NEW_ROOT`: H.264 (libx264, yuv420p, crf 23, preset veryfast, tune fastdecode),
+2. Decode check: a video file is opened and frames at the start, middle and end are read as the
+   loader reads them (`video_io.VideoFile`: judged by time stamps, so a valid variable-rate video
+   passes, and a file whose data stops before the duration its header states fails); a frame
+   folder's numbering must have no gap and every frame must decode at one size. Bad files are
+   printed with the reason and written to `bad_videos.txt`; the exit code is 1 unless `--drop-bad`
+   leaves them out of the annotations.
+3. `--reencode NEW_ROOT` (video files; frame folders are left as they are): H.264 (libx264,
+   yuv420p, crf 23, preset veryfast, tune fastdecode),
    short side scaled down to `--short-side` (never up; even sizes), one keyframe every
-   `--keyframe-interval` frames (scene-cut keyframes off), same fps (timestamps rewritten as
-   frame / fps), no audio, same `<label>/<stem>.mp4` layout, annotations written to
+   `--keyframe-interval` frames (scene-cut keyframes off), same average fps (frame i is the frame
+   the loader reads as index i of the source, at time i / fps: a variable-rate source keeps its
+   timing), stored upright (rotation metadata applied to the pixels), no audio, same
+   `<label>/<stem>.mp4` layout, annotations written to
    `NEW_ROOT/annotations`. Parallel over `--workers` processes with a tqdm bar; resumable: an output
    that exists and decodes is kept, new outputs go to a hidden temporary name and are renamed when
    complete. `--tune fastdecode` (the default) turns off CABAC (CAVLC entropy coding) and the
@@ -41,8 +47,10 @@ import sys
 from typing import NamedTuple
 
 import av
+import numpy as np
 
-from video_io import VIDEO_EXTENSIONS
+from video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoDecodeError, VideoFile, list_frame_files, orient,
+                      read_image_frames)
 
 KINETICS_STEM = re.compile(r"^(?P<youtube_id>.+)_(?P<start>\d{6})_(?P<end>\d{6})$")
 PARTIAL_TAG = ".partial-"
@@ -68,8 +76,17 @@ def _is_video_name(name):
     return not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS)
 
 
+def _is_frame_folder(path):
+    """True for a folder that holds frame images."""
+    try:
+        return os.path.isdir(path) and any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(path))
+    except OSError:
+        return False
+
+
 def scan_tree(root, skip=()):
-    """(entries, ignored) of `<root>/<label>/<file>`: video entries sorted by path, and the other
+    """(entries, ignored) of `<root>/<label>/<file>` and `<root>/<label>/<video>/<frames>`: video
+    file and frame folder entries sorted by path, and the other
     files found (relative paths). Folders named in `skip` (e.g. the annotation folder) are left out.
     Raises FileNotFoundError for a missing root, PermissionError naming an unreadable folder and
     ValueError for a tree without videos."""
@@ -89,14 +106,15 @@ def scan_tree(root, skip=()):
         except OSError as error:
             raise PermissionError(f"cannot list label folder {folder}: {error.strerror}") from None
         for name in names:
-            relative = f"{label}/{name}"
-            if _is_video_name(name) and os.path.isfile(os.path.join(folder, name)):
+            relative, path = f"{label}/{name}", os.path.join(folder, name)
+            if (_is_video_name(name) and os.path.isfile(path)) or (not name.startswith(".") and _is_frame_folder(path)):
                 entries.append(VideoEntry(relative, label))
             elif not name.startswith("."):
                 ignored.append(relative)
     if not entries:
-        raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) found under {root}; expected the "
-                         f"layout {os.path.join(root, '<label>', '<file>.mp4')}")
+        raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) or frame folder found under {root}; "
+                         f"expected the layout {os.path.join(root, '<label>', '<file>.mp4')} or "
+                         f"{os.path.join(root, '<label>', '<video>', '<frame>.jpg')}")
     return entries, ignored
 
 
@@ -135,76 +153,43 @@ def write_annotations(entries, out_dir, split="train"):
     return {"classes": class_path, "annotations": path, "format": kind}
 
 
-def _open_video(path):
-    """(container, stream, fps, num_frames) of a video file; raises ValueError with the reason."""
+def check_video(path, probes=3):
+    """None when `path` decodes, else the reason: header read, then `probes` frames spread from the
+    first to the stated last one are read as the loader reads them (`video_io.VideoFile`: after a
+    seek, judged by time stamps, so a variable-rate video whose last frames run longer than the
+    average passes and a file whose data stops before its stated duration fails)."""
     if not os.access(path, os.R_OK):
-        raise ValueError("file is not readable (permissions)" if os.path.exists(path) else "no such file")
-    container = av.open(path)
+        return "file is not readable (permissions)" if os.path.exists(path) else "no such file"
     try:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate or stream.codec_context.width <= 0 or stream.codec_context.height <= 0:
-            raise ValueError("video stream has no frame rate or size")
-        num_frames = stream.frames
-        if not num_frames:  # webm / mkv store no count: count the packets
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
-            container.seek(0, stream=stream)
-        if num_frames <= 0:
-            raise ValueError("video stream has no frames")
-        return container, stream, float(rate), num_frames
-    except BaseException:
-        container.close()
-        raise
-
-
-def _decode_until(container, stream, fps, target):
-    """Index of the first frame at or after `target`, decoding from the keyframe before it; None when
-    the stream ends first."""
-    start = stream.start_time or 0
-    for seek in (True, False):
-        pts = start + int(target / fps / stream.time_base) if seek else start
-        container.seek(pts, stream=stream, backward=True, any_frame=False)
-        index, first = -1, True
-        for frame in container.decode(stream):
-            index = index + 1 if frame.pts is None else int(round((frame.pts - start) * stream.time_base * fps))
-            if first and seek and (index > target or frame.pts is None):
-                break  # the seek landed late or frames carry no time: decode from the start instead
-            first = False
-            if index >= target:
-                return index
-        else:
-            return None
+        video = VideoFile(path)
+    except VideoDecodeError as error:
+        return error.reason
+    with video:
+        last = video.num_frames - 1
+        for target in sorted({round(last * k / max(probes - 1, 1)) for k in range(probes)}):
+            try:
+                video.read([target])
+            except VideoDecodeError as error:
+                return f"frame {target} of the {video.num_frames} it states: {error.reason}"
     return None
 
 
-def check_video(path, probes=3):
-    """None when `path` decodes, else the reason: header read, then `probes` frames spread from the
-    first to the stated last one are decoded (after a seek)."""
+def check_frame_folder(path):
+    """None when the JPEG frame folder `path` is sound, else the reason: listed (a gap in the
+    numbering fails, see `video_io.numbering_gap`) and every frame decoded (shrunk in the decoder)
+    at one size."""
     try:
-        container, stream, fps, num_frames = _open_video(path)
-    except av.error.FFmpegError as error:
-        return f"not a readable video ({error.strerror})"
-    except (OSError, ValueError) as error:
-        return str(error) or type(error).__name__
-    last = num_frames - 1
-    targets = sorted({round(last * k / max(probes - 1, 1)) for k in range(probes)})
-    try:
-        for target in targets:
-            if _decode_until(container, stream, fps, target) is None:
-                return f"stream ends before frame {target} of the {num_frames} it states (truncated?)"
-        return None
-    except (av.error.FFmpegError, OSError, ValueError) as error:
-        return (f"decoding failed on the way to frame {target} of the {num_frames} it states "
-                f"({getattr(error, 'strerror', None) or error})")
-    finally:
-        container.close()
+        files = list_frame_files(path)
+        read_image_frames(files, min_short_side=1)
+    except VideoDecodeError as error:
+        where = os.path.relpath(error.path, path)
+        return error.reason if where == "." else f"{where}: {error.reason}"
+    return None
 
 
 def _check_job(path):
-    """Worker entry for `check_videos`."""
-    return path, check_video(path)
+    """Worker entry for `check_videos`: a frame folder or a video file."""
+    return path, check_frame_folder(path) if os.path.isdir(path) else check_video(path)
 
 
 def _parallel(function, items, workers, progress, description):
@@ -223,7 +208,8 @@ def _parallel(function, items, workers, progress, description):
 
 
 def check_videos(paths, workers=1, progress=False):
-    """{path: reason} of every path in `paths` that fails `check_video` (empty when all decode)."""
+    """{path: reason} of every path in `paths` that fails `check_video` (frame folders:
+    `check_frame_folder`); empty when all decode."""
     results = _parallel(_check_job, paths, workers, progress, "checking")
     return {path: reason for path, reason in results if reason is not None}
 
@@ -257,24 +243,27 @@ def add_h264_stream(container, rate, width, height, keyframe_interval, crf=23, p
 
 def reencode_video(src, dst, short_side=256, keyframe_interval=30, crf=23, preset="veryfast", tune="fastdecode"):
     """Re-encode `src` to an H.264 mp4 `dst` (see the module docstring); return "kept" when `dst`
-    already holds a decodable output of the right size, else "encoded"."""
-    with av.open(src) as source:
-        stream = source.streams.video[0]
-        stream.thread_type = "NONE"  # one process per core: the pool gives the parallelism
-        size = (stream.codec_context.width, stream.codec_context.height)
-        if _is_prepared(dst, short_side, size):
+    already holds a decodable output of the right size, else "encoded".
+
+    Output frame i is the frame the loader reads as index i of `src` (`VideoFile.frames_in_order`),
+    so a variable-rate source keeps its timing at a constant rate, and it is stored upright: a
+    source with rotation metadata is turned (losslessly, plane by plane) and the output has none.
+    """
+    with VideoFile(src, single_thread=True) as video:  # one process per core: the pool gives the parallelism
+        if _is_prepared(dst, short_side, (video.width, video.height)):
             return "kept"
-        width, height = scaled_even_size(*size, short_side)
-        rate = stream.average_rate or stream.guessed_rate
+        width, height = scaled_even_size(video.width, video.height, short_side)
+        turn = video.orientation
+        coded = (height, width) if turn is not None and turn[0] else (width, height)
         os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
         head, tail = os.path.split(dst)
         tmp = os.path.join(head, f".{tail}{PARTIAL_TAG}{os.getpid()}.mp4")
         try:
             with av.open(tmp, "w", format="mp4") as out:
-                encoder = add_h264_stream(out, rate, width, height, keyframe_interval, crf, preset, tune)
-                for index, frame in enumerate(source.decode(stream)):
-                    frame = frame.reformat(width, height, "yuv420p", interpolation="AREA")
-                    frame.pts, frame.time_base = index, 1 / rate
+                encoder = add_h264_stream(out, video.rate, width, height, keyframe_interval, crf, preset, tune)
+                for index, frame in video.frames_in_order():
+                    frame = _upright(frame.reformat(*coded, "yuv420p", interpolation="AREA"), turn)
+                    frame.pts, frame.time_base = index, 1 / video.rate
                     out.mux(encoder.encode(frame))
                 out.mux(encoder.encode(None))
             os.replace(tmp, dst)
@@ -282,6 +271,21 @@ def reencode_video(src, dst, short_side=256, keyframe_interval=30, crf=23, prese
             if os.path.exists(tmp):
                 os.remove(tmp)
     return "encoded"
+
+
+def _upright(frame, orientation):
+    """A yuv420p frame (even size) turned as `orientation` says (`video_io.display_orientation`), each
+    plane moved as it is: no resampling."""
+    if orientation is None:
+        return frame
+    width, height = frame.width, frame.height
+    packed = frame.to_ndarray()  # (height * 3 / 2, width): Y, then U, then V, each plane's rows in a row
+    luma = packed[:height]
+    chroma = packed[height:].reshape(2, height // 2, width // 2)
+    planes = [orient(luma, orientation)] + [orient(plane, orientation) for plane in chroma]
+    turned_width = planes[0].shape[1]
+    flat = np.concatenate([plane.ravel() for plane in planes])
+    return av.VideoFrame.from_ndarray(flat.reshape(-1, turned_width), format="yuv420p")
 
 
 def _output_path(out_root, entry):
@@ -294,7 +298,7 @@ def _reencode_job(job):
     entry, src, dst, options = job
     try:
         return entry, reencode_video(src, dst, **options), None
-    except (av.error.FFmpegError, OSError, ValueError) as error:
+    except (av.error.FFmpegError, VideoDecodeError, OSError, ValueError) as error:
         return entry, None, str(error) or type(error).__name__
 
 
@@ -384,6 +388,10 @@ def main(argv=None):
     status = 1 if bad and not args.drop_bad else 0
     if args.reencode:
         out_root = os.path.abspath(args.reencode)
+        folders = [e for e in good if os.path.isdir(os.path.join(root, e.path))]
+        if folders:
+            print(f"{len(folders)} frame folders are not re-encoded (only video files are; first: {folders[0].path})")
+            good = [e for e in good if e not in folders]
         try:
             counts, failed = reencode_tree(root, out_root, good, args.short_side, args.keyframe_interval,
                                            args.crf, args.preset, None if args.tune == "none" else args.tune,
