@@ -395,9 +395,12 @@ def natural_sorted(names):
     than the natural key, which matters because a frame folder is listed for every clip.
     """
     names = list(names)
-    if len(set("\n".join(names).translate(_DIGITS_TO_ZERO).split("\n"))) <= 1:
-        return sorted(names)
-    return sorted(names, key=_natural_key)
+    return sorted(names) if _one_template(names) else sorted(names, key=_natural_key)
+
+
+def _one_template(names):
+    """True when the names differ in their digits only, digit for digit (`<id>-000001.jpg` ...)."""
+    return len(set("\n".join(names).translate(_DIGITS_TO_ZERO).split("\n"))) <= 1
 
 
 def list_frame_files(folder):
@@ -427,11 +430,16 @@ def numbering_gap(names):
     A missing frame would otherwise shift every later frame one step earlier in time. Names that do
     not share one pattern are not judged. `names` must be in natural order (`natural_sorted`).
     """
+    first, last = _FRAME_NUMBER.search(names[0]), _FRAME_NUMBER.search(names[-1])
+    if first is None or last is None:
+        return None
+    prefix, suffix = names[0][:first.start()], names[0][first.end():]
+    if (_one_template(names) and names[-1][:last.start()] == prefix and int(first.group()) <= 1
+            and int(last.group()) - int(first.group()) + 1 == len(names)):
+        return None  # sorted names of one template with equal ends hold distinct numbers: none missing
     matches = [_FRAME_NUMBER.search(name) for name in names]
     if None in matches:
         return None
-    first = matches[0]
-    prefix, suffix = names[0][:first.start()], names[0][first.end():]
     if any(name[:m.start()] != prefix or name[m.end():] != suffix for name, m in zip(names, matches)):
         return None
     numbers = [int(m.group()) for m in matches]
