@@ -443,19 +443,19 @@ def numbering_gap(names):
     if any(name[:m.start()] != prefix or name[m.end():] != suffix for name, m in zip(names, matches)):
         return None
     numbers = [int(m.group()) for m in matches]
-    expected = min(numbers[0], 1)
-    for name, number in zip(names, numbers):
+    start = expected = min(numbers[0], 1)
+    for position, number in enumerate(numbers):
         if number != expected:
             break
         expected += 1
     else:
         return None
     if number < expected:
-        return f"frame number {number} appears twice ({name} and another name for it)"
+        return f"frame number {number} appears twice ({names[position - 1]} and {names[position]})"
     width = len(first.group()) if first.group().startswith("0") else 0
-    missing = numbers[-1] - min(numbers[0], 1) + 1 - len(set(numbers))
-    return (f"missing frame {prefix}{expected:0{width}d}{suffix} ({missing} of {numbers[-1] - min(numbers[0], 1) + 1} "
-            "numbers missing); later frames would shift in time: extract the frames again")
+    span = numbers[-1] - start + 1
+    return (f"missing frame {prefix}{expected:0{width}d}{suffix} ({span - len(set(numbers))} of {span} numbers "
+            "missing); later frames would shift in time: extract the frames again")
 
 
 def _read_bytes(path):

@@ -203,7 +203,7 @@ def test_a_frame_folder_with_a_gap_names_the_missing_frame(tmp_path):
         video_io.open_video(str(tmp_path / "plain"))
     write_jpeg_folder(tmp_path / "doubled", 3, 64, 48, make=flat_frame, name="f{}.jpg")
     os.link(tmp_path / "doubled" / "f2.jpg", tmp_path / "doubled" / "f02.jpg")
-    with pytest.raises(VideoDecodeError, match="frame number 2 appears twice"):
+    with pytest.raises(VideoDecodeError, match=r"frame number 2 appears twice \(f0?2\.jpg and f0?2\.jpg\)"):
         video_io.open_video(str(tmp_path / "doubled"))
     # numbering from 0, and folders whose names follow no single pattern, are read as before
     write_jpeg_folder(tmp_path / "zero", 3, 64, 48, make=flat_frame, name="{:03d}.jpg")
