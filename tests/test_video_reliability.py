@@ -10,7 +10,9 @@ import torch
 
 import prepare_videos as pv
 import video_io
+from charades import CharadesDataset
 from kinetics_multigrid import KineticsDataset
+from test_charades_data import write_csv
 from test_video_io import coded_frame, decoded_number, flat_frame, flat_number, write_jpeg_folder
 from video_io import VideoDecodeError
 
@@ -172,6 +174,23 @@ def test_cut_off_videos_are_replaced_and_counted_in_training_and_excluded_from_t
                            **options)
     assert test[0][0] is None and test[1][0].shape == (2, 3, 8, 32, 32)
     assert any("excluding" in line and "cut.mp4" in line and "file cut off" in line for line in lines), lines
+
+
+def test_charades_leaves_a_cut_off_video_out_of_testing_and_replaces_it_in_training(cut, tmp_path):
+    whole, cut_file = cut
+    os.symlink(cut_file, tmp_path / "CUT01.mp4")
+    os.symlink(whole, tmp_path / "WHOLE.mp4")
+    write_csv(tmp_path / "test.csv", [("CUT01", "c000 0.00 1.00", 3.0), ("WHOLE", "c001 0.50 2.00", 3.0)])
+    (tmp_path / "classes.txt").write_text("c000 Holding a blob\nc001 Moving a blob\n")
+    lines = []
+    options = dict(classes=str(tmp_path / "classes.txt"), frames=8, rate=2, crop=32, short_side=(36, 44),
+                   temporal_views=2, spatial_views=1, log=lines.append)
+    test = CharadesDataset(str(tmp_path), str(tmp_path / "test.csv"), "test", target="frames", **options)
+    assert test[0][0] is None and test[1][0].shape == (2, 3, 8, 32, 32)
+    assert any("excluding" in line and "CUT01.mp4" in line and "file cut off" in line for line in lines), lines
+    train = CharadesDataset(str(tmp_path), str(tmp_path / "test.csv"), "val", **options)
+    clip, target, index, failures = train[0]  # the centre clip, frames 35..52, runs past the cut at 44
+    assert index == 1 and failures >= 1
 
 
 VFR_PTS = [i * 3000 for i in range(80)] + [80 * 3000 + j * 18000 for j in range(10)]  # 30 fps, then 5 fps
