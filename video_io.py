@@ -65,7 +65,8 @@ def display_orientation(frame):
 
     The matrix maps a coded pixel (x, y) (y down, about the centre) to x' = a*x + c*y,
     y' = b*x + d*y; only multiples of 90 degrees (with or without a mirror) occur in practice,
-    anything else raises ValueError.
+    anything else raises ValueError. The FFmpeg of the PyAV 18.1 wheels attaches the matrix to every
+    decoded frame (tested); where an older FFmpeg attaches none, frames come out as stored.
     """
     try:
         data = frame.side_data[av.sidedata.sidedata.Type.DISPLAYMATRIX]
@@ -78,7 +79,8 @@ def display_orientation(frame):
     elif abs(a) < zero and abs(d) < zero and abs(b) >= zero and abs(c) >= zero:
         orientation = (True, b < 0, c < 0)
     else:
-        raise ValueError(f"display matrix {[a, b, c, d]} turns the picture by {frame.rotation} degrees; only "
+        angle = math.degrees(math.atan2(b, a))
+        raise ValueError(f"display matrix {[a, b, c, d]} turns the picture by {angle:.0f} degrees; only "
                          "multiples of 90 are supported (re-encode the video upright)")
     return orientation if any(orientation) else None
 
