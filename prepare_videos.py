@@ -40,6 +40,7 @@ Multi-view test loading gains little (1.13-1.31x): ten windows spread over the v
 frame anyway. Sources larger than 256 also shrink.
 """
 import argparse
+import math
 import multiprocessing
 import os
 import re
@@ -171,6 +172,11 @@ def check_video(path, probes=3):
                 video.read([target])
             except VideoDecodeError as error:
                 return f"frame {target} of the {video.num_frames} it states: {error.reason}"
+        if video.stated_duration:
+            try:  # a read past the stated end runs through the last packets: they must reach that end
+                video.read([max(last, math.ceil(video.stated_duration * video.fps))])
+            except VideoDecodeError as error:
+                return error.reason
     return None
 
 

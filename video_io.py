@@ -115,8 +115,8 @@ class _Source:
 
 
 class VideoFile(_Source):
-    """An open video file: `.num_frames`, `.fps` (`.rate` as a fraction), `.width`, `.height` (displayed)
-    and `.read(indices)`."""
+    """An open video file: `.num_frames`, `.fps` (`.rate` as a fraction), `.width`, `.height` (displayed),
+    `.stated_duration` (seconds the header states, None when it states none) and `.read(indices)`."""
 
     def __init__(self, path, *, single_thread=False):
         """Open `path` with PyAV and read its stream metadata; raises VideoDecodeError. `single_thread`
@@ -140,7 +140,7 @@ class VideoFile(_Source):
             self._orientation = _UNKNOWN
             self._start_pts = self._stream.start_time or 0
             self._time_base = float(self._stream.time_base)
-            self._stated_end = self._stated_duration()
+            self.stated_duration = self._stated_duration()  # seconds, or None
             self._data_end = None
             self.num_frames = self._stream.frames or self._count_frames()
             self.frames_decoded = 0
@@ -345,16 +345,16 @@ class VideoFile(_Source):
             yield index, previous
 
     def _check_not_cut(self, index):
-        """Raise VideoDecodeError when the packets just read stopped well before the stated duration
-        (frame `index` was wanted past that point); a complete stream, or one that states no
-        duration, passes (its last frame pads what lies beyond)."""
-        if self._stated_end is None or self._data_end is None:
+        """Raise VideoDecodeError naming frame `index` when the packets the last read went through
+        stopped well before the stated duration (the read ran out of data); a complete stream, or
+        one that states no duration, passes (its last frame pads what lies beyond)."""
+        if self.stated_duration is None or self._data_end is None:
             return
         reached = (self._data_end - self._start_pts) * self._time_base
-        if reached < self._stated_end - 1.5 / self.fps:
+        if reached < self.stated_duration - 1.5 / self.fps:
             raise VideoDecodeError(self.path, f"file cut off: its video data ends at {reached:.2f} s of the "
-                                              f"{self._stated_end:.2f} s its header states, so frame {index} of "
-                                              f"the {self.num_frames} it states is missing")
+                                              f"{self.stated_duration:.2f} s its header states; frame {index} "
+                                              f"({index / self.fps:.2f} s) lies past the cut")
 
     def _to_rgb(self, frame, size):
         """Convert one decoded frame to an RGB uint8 array, optionally shrunk by the scaler."""

@@ -13,7 +13,7 @@ import video_io
 from charades import CharadesDataset
 from kinetics_multigrid import KineticsDataset
 from test_charades_data import write_csv
-from test_video_io import coded_frame, decoded_number, flat_frame, flat_number, write_jpeg_folder
+from test_video_io import coded_frame, decoded_number, encode_video, flat_frame, flat_number, write_jpeg_folder
 from video_io import VideoDecodeError
 
 # a frame that no turn or mirror maps onto itself: four quadrants of different colours, a bright corner
@@ -158,10 +158,24 @@ def test_a_cut_off_file_fails_for_frames_past_the_cut_instead_of_repeating(cut):
         for indices in ([40, 50, 60], [89], [60, 70]):
             with pytest.raises(VideoDecodeError, match="file cut off") as info:
                 video.read(indices)
-            assert info.value.path == cut_file and "1.50 s of the 3.00 s" in info.value.reason
+            assert info.value.path == cut_file and "1.50 s of the 3.00 s its header states" in info.value.reason
     # a complete file still pads indices past its last frame (a video shorter than a clip)
     assert [decoded_number(f) for f in video_io.read_video_frames(whole, [88, 89, 95])] == [88, 89, 89]
     assert "file cut off" in pv.check_video(cut_file) and pv.check_video(whole) is None
+
+
+def test_a_cut_off_mkv_reads_the_frames_it_has_and_fails_the_check(tmp_path):
+    whole = encode_video(tmp_path / "whole.mkv", 60, 96, 64, gop=10, make=coded_frame)
+    with open(whole, "rb") as handle:
+        data = handle.read()
+    cut_file = tmp_path / "cut.mkv"
+    cut_file.write_bytes(data[: len(data) * 3 // 5])  # matroska has no index at the front: frames are counted
+    with video_io.VideoFile(str(cut_file)) as video:
+        count = video.num_frames
+        assert 20 < count < 60 and video.stated_duration == 2.0
+        assert [decoded_number(f) for f in video.read([0, count - 2])] == [0, count - 2]
+    assert pv.check_video(whole) is None
+    assert pv.check_video(str(cut_file)).startswith("file cut off: its video data ends at ")
 
 
 def test_cut_off_videos_are_replaced_and_counted_in_training_and_excluded_from_test(cut, tmp_path):
