@@ -379,9 +379,9 @@ class MultigridPlan:
         empty = [p for p in self.phases if p.end_epoch <= p.start_epoch]
         if not empty:
             return ""
-        return ("zero-epoch phases left out (they never train; PySlowFast's rounding of the "
-                "long-cycle ends gives them too): "
-                + ", ".join(f"{p.index} ({p.start_epoch}-{p.end_epoch})" for p in empty))
+        names = ", ".join(f"{p.index} ({p.start_epoch}-{p.end_epoch})" for p in empty)
+        return (f"zero-epoch phases {names} never train (PySlowFast's rounding of the phase ends "
+                f"gives them too) and are left out")
 
     @property
     def mode(self) -> str:
@@ -615,7 +615,7 @@ def schedule_figure(plan: MultigridPlan, *, world_size: int = 1,
     title = (f"Multigrid ({plan.mode}): T={plan.frames}, S={plan.crop}, {plan.lr_name}, "
              f"{plan.input_max_epoch} -> {plan.max_epoch} epochs")
     note = plan.zero_epoch_note()
-    fig.suptitle("\n".join([title] + textwrap.wrap(note, 110)), fontsize=10 if note else 12)
+    fig.suptitle("\n".join([title] + textwrap.wrap(note, 95)), fontsize=10 if note else 12)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=9,
                bbox_to_anchor=(0.5, 0.0), frameon=False)

@@ -272,8 +272,8 @@ def test_zero_epoch_phases_match_pyslowfast_rounding_and_are_left_out():
     assert [plan.phase(e).index for e in range(24, 30)] == [2, 3, 4, 4, 5, 7]
     table = plan.describe(num_samples=384).splitlines()
     assert [line.split()[0] for line in table[3:-1]] == ["0", "1", "2", "3", "4", "5", "7"]
-    assert table[-1] == ("(zero-epoch phases left out (they never train; PySlowFast's rounding of "
-                         "the long-cycle ends gives them too): 6 (29-29), 8 (30-30))")
+    assert table[-1] == ("(zero-epoch phases 6 (29-29), 8 (30-30) never train (PySlowFast's "
+                         "rounding of the phase ends gives them too) and are left out)")
     assert plan.zero_epoch_note() and not stepwise_plan().zero_epoch_note()
     assert "left out" not in stepwise_plan().describe()
 
