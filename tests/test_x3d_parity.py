@@ -281,7 +281,7 @@ def test_convert_command_writes_loadable_checkpoint(tmp_path):
 
 # version: (params, GMACs at train crop, GMACs at test crop or None): FAIR's published X3D numbers
 # (model zoo and paper; GMACs count conv + linear multiply-adds), XL as PySlowFast's 2020 code builds it.
-REFERENCE = {
+FAIR_NUMBERS = {
     "XS": (3_794_322, 0.6053, None),
     "S": (3_794_322, 1.9629, None),
     "M": (3_794_322, 4.7325, 6.186),
@@ -293,7 +293,7 @@ REFERENCE = {
 def test_complexity_table_matches_reference():
     """Params exact and GMACs within 0.5% of FAIR's numbers for every version."""
     rows = {r[0]: r[1:] for r in x3d.complexity_table()}
-    for version, (params, train, test) in REFERENCE.items():
+    for version, (params, train, test) in FAIR_NUMBERS.items():
         got_params, got_train, got_test = rows[version]
         assert got_params == params, version
         assert abs(got_train / train - 1) < 0.005, (version, got_train)
