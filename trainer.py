@@ -5,6 +5,7 @@ to build its datasets, its loss and its metrics) and calls `main(task, constants
 lives here:
 
 - config: every UPPERCASE constant becomes a command-line flag (`--batch-size 64`, `-gpu 0,1`);
+  the X3D preset fills unset shapes (`fill_preset`), `--demo` settings apply where no flag was given;
 - processes: one process per GPU (NCCL) launched from `-gpu`, several CPU processes (gloo) from
   `--cpu-processes`, or whatever `torchrun` set up across nodes;
 - the loop: a `multigrid.MultigridPlan` decides every batch's shape and the learning rate; the
