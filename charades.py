@@ -395,6 +395,12 @@ def frame_map(scores, targets, count_empty_classes_as_zero: bool = False) -> Fra
     return _mean_ap(FrameMAP, ap, "frame_map")
 
 
+def random_baseline(metric, shape, labels, seeds: int = 10) -> float:
+    """Chance level: mean over `seeds` of metric(uniform random scores of `shape`, labels).map."""
+    return float(np.mean([metric(np.random.default_rng(s).random(shape), labels).map
+                          for s in range(seeds)]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Submission files
 # ----------------------------------------------------------------------------------------------
@@ -804,6 +810,53 @@ def collate_test(batch):
     indices = torch.tensor([s[2] for s in good], dtype=torch.int64)
     out = (views, labels, indices, failed)
     return out + ([s[3] for s in good],) if batch and len(batch[0]) == 4 else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets from a training script's settings (train_x3d_charades.py, train_x3d_charades_loc.py)
+# ----------------------------------------------------------------------------------------------
+
+def _dataset_of(cfg, annotations_flag: str, mode: str, target: str, log) -> CharadesDataset:
+    """One CharadesDataset of the settings; a missing path is a ValueError naming its flag."""
+    annotations = getattr(cfg, annotations_flag.replace("-", "_"))
+    for flag, path in (("frames-root", cfg.frames_root), ("class-list", cfg.class_list),
+                       (annotations_flag, annotations)):
+        if path and not os.path.exists(path):
+            raise ValueError(f"Charades --{flag} {path!r} does not exist: set --{flag} (or the "
+                             "constant at the top of the script), or run --demo")
+    return CharadesDataset(
+        cfg.frames_root, annotations, mode, classes=cfg.class_list or None, frames=cfg.frames,
+        rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
+        temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views, fps=cfg.fps,
+        target=target, inverse_uniform=cfg.inverse_uniform, seed=cfg.seed,
+        random_flip=cfg.random_flip, log=log)
+
+
+def build_datasets(cfg, log, test_only: bool = False, target: str = "clip") -> tuple:
+    """(train, val, test) of a training script's settings; val (centre clips) and test (all views) read the test CSV.
+
+    target: 'clip' (classification) or 'frames' (localization). Bad paths or files: ValueError.
+    """
+    test = _dataset_of(cfg, "test-annotations", "test", target, log)
+    if test_only:
+        return None, None, test
+    train = _dataset_of(cfg, "train-annotations", "train", target, log)
+    val = _dataset_of(cfg, "test-annotations", "val", target, log)
+    if train.num_classes != test.num_classes:
+        raise ValueError(f"{cfg.train_annotations} and {cfg.test_annotations} disagree on the class "
+                         f"count ({train.num_classes} vs {test.num_classes})")
+    return train, val, test
+
+
+def use_demo_dataset(cfg, root: str, **dataset) -> None:
+    """--demo: write the synthetic Charades-format dataset under root; point the settings' paths at it.
+
+    dataset: options of synthetic_data.make_charades (classes, difficulty, ...).
+    """
+    import synthetic_data
+    paths = synthetic_data.make_charades(root, overwrite=True, workers=os.cpu_count() or 1, **dataset)
+    cfg.frames_root, cfg.class_list = paths["frames_root"], paths["classes"]
+    cfg.train_annotations, cfg.test_annotations = paths["train_csv"], paths["test_csv"]
 
 
 def main(argv=None) -> int:

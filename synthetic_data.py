@@ -79,6 +79,8 @@ MOTIONS = {
     "orbiting counterclockwise": ("orbit", -1.0),
 }
 CLASS_POOL = tuple(MOTIONS)
+# The CPU demos' classes (Kinetics and Charades): three motions of different kind (README says why).
+DEMO_MOTIONS = ("moving right", "rotating clockwise", "growing")
 
 TRANSLATE_SPEED = 0.30      # short sides per second
 ROTATE_SPEED = math.radians(150.0)  # radians per second

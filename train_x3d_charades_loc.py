@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import charades
+import synthetic_data
 import trainer
-from train_x3d_charades import build_datasets, demo, num_classes, random_baseline
 
 # --------------------------------------------------------------------------- constants (edit me)
 GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
@@ -62,6 +62,7 @@ BATCH_SIZE = 16          # global clips per iteration (split over processes)
 BASE_LR = 0.0375         # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
 LR_REFERENCE_BATCH = 16
 LR_POLICY = "steps_with_relative_lrs"      # or "cosine"
+COSINE_BATCH_FACTOR = True  # cosine + long cycle: LR x the phase's batch factor; False: PySlowFast's (no factor)
 STEPS = [0, 41, 49]
 MAX_EPOCH = 57
 GAMMA = 0.1
@@ -110,9 +111,18 @@ DEMO_SETTINGS = dict(
     PRECISE_BN_BATCHES=10, TEST_TEMPORAL_VIEWS=4, TEST_SPATIAL_VIEWS=1, DROPOUT=0.0,
     RANDOM_FLIP=False,
 )
+DEMO_DATASET = dict(classes=synthetic_data.DEMO_MOTIONS, difficulty="demo")  # the Kinetics demo's motions
+DEMO_DATA = "data/synthetic_charades"
 # ------------------------------------------------------------------------------------------------
 
-CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS",))
+CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA", "DEMO_DATASET"))
+
+
+def demo(cfg) -> None:
+    """Generate the synthetic Charades-format dataset; apply the DEMO_SETTINGS not given as flags."""
+    with trainer.setup_errors(f"; delete {DEMO_DATA} to regenerate it"):
+        charades.use_demo_dataset(cfg, DEMO_DATA, **DEMO_DATASET)
+    trainer.apply_demo_settings(cfg, DEMO_SETTINGS)
 
 
 def loss(logits, targets):
@@ -193,9 +203,9 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
     flat_shape = (c, sum(s.shape[1] for s in dense_scores))
     results = {
         "protocol": protocol, "mAP": 100.0 * official.map, "localize_map": official.map,
-        "random_scores_localize_map": random_baseline(charades.localize_map, points.shape, dataset.videos),
+        "random_scores_localize_map": charades.random_baseline(charades.localize_map, points.shape, dataset.videos),
         "frame_map": dense.map, "frame_map_protocol": f"{dense.protocol}, every {cfg.frame_map_stride}th frame",
-        "random_scores_frame_map": random_baseline(charades.frame_map, flat_shape,
+        "random_scores_frame_map": charades.random_baseline(charades.frame_map, flat_shape,
                                                    np.concatenate(dense_targets, axis=1)),
         "videos": len(dataset), "failed_videos": len(failed),
         "submission": os.path.join(run_dir, "submission_localize.txt")}
@@ -209,10 +219,9 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
     return results
 
 
-TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(build_datasets, target="frames"),
-                    loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP",
-                    n_classes=num_classes, model_task="loc", multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS))
+TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(charades.build_datasets, target="frames"),
+                    loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP", model_task="loc",
+                    multi_label=True, demo=demo)
 
 
 if __name__ == "__main__":

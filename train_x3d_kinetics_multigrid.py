@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kinetics_multigrid
+import synthetic_data
 import trainer
 import transforms
 import x3d
@@ -49,6 +50,7 @@ BATCH_SIZE = 128         # global clips per iteration at the full shape (split o
 BASE_LR = 0.1            # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
 LR_REFERENCE_BATCH = 128
 LR_POLICY = "cosine"     # X3D's recipe; or "steps_with_relative_lrs" (PySlowFast's Multigrid)
+COSINE_BATCH_FACTOR = True  # cosine + long cycle: LR x the phase's batch factor; False: PySlowFast's (no factor)
 STEPS = [0, 118, 193, 246]  # epochs that place the long cycles (cosine) or the LR steps
 MAX_EPOCH = 300          # before Multigrid rescales it (x epoch factor 1.5 -> 450)
 GAMMA = 0.1              # LR ratio between steps (steps_with_relative_lrs)
@@ -103,40 +105,22 @@ DEMO_SETTINGS = dict(
     TEST_SPATIAL_VIEWS=3, DROPOUT=0.0, RANDOM_FLIP=False,
 )
 DEMO_DATA = "data/synthetic_kinetics_demo"
-DEMO_DATASET = dict(classes=("moving right", "rotating clockwise", "growing"),
-                    difficulty="demo", train_per_class=128, val_per_class=20)
+DEMO_DATASET = dict(classes=synthetic_data.DEMO_MOTIONS, difficulty="demo", train_per_class=128,
+                    val_per_class=20)
 # ------------------------------------------------------------------------------------------------
 
 CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA", "DEMO_DATASET"))
 
 
-def fill_preset(cfg) -> None:
-    """Replace 0 / empty shape settings with the X3D preset's values."""
-    if cfg.x3d_version not in x3d.PRESETS:
-        raise trainer.SetupError(f"--x3d-version {cfg.x3d_version!r}: choose one of "
-                                 f"{', '.join(x3d.PRESETS)}")
-    p = x3d.PRESETS[cfg.x3d_version]
-    cfg.frames = cfg.frames or p.frames
-    cfg.rate = cfg.rate or p.rate
-    cfg.crop = cfg.crop or p.train_crop
-    cfg.test_crop = cfg.test_crop or p.test_crop
-    cfg.short_side = list(cfg.short_side) or list(p.train_short_side)
-
-
 def demo(cfg) -> None:
     """Generate the synthetic Kinetics-format dataset; apply the DEMO_SETTINGS not given as flags."""
-    import synthetic_data
-    try:
+    with trainer.setup_errors():
         paths = synthetic_data.make_kinetics(DEMO_DATA, progress=sys.stderr.isatty(), overwrite=True,
                                              workers=os.cpu_count() or 1, **DEMO_DATASET)
-    except ValueError as e:
-        raise trainer.SetupError(str(e)) from None
     cfg.train_root, cfg.train_annotations = paths["train_root"], paths["train_csv"]
     cfg.val_root, cfg.val_annotations = paths["val_root"], paths["val_csv"]
     cfg.class_list = paths["classes"]
-    for name, value in DEMO_SETTINGS.items():
-        if name.lower() not in cfg.explicit:
-            setattr(cfg, name.lower(), value)
+    trainer.apply_demo_settings(cfg, DEMO_SETTINGS)
 
 
 def _dataset(cfg, root, annotations, mode, log):
@@ -154,15 +138,11 @@ def _dataset(cfg, root, annotations, mode, log):
 
 def build_datasets(cfg, log, test_only=False):
     """(train, val, test) Kinetics datasets; val and test read the same validation list."""
-    fill_preset(cfg)
-    try:
-        test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
-        if test_only:
-            return None, None, test
-        train = _dataset(cfg, cfg.train_root, cfg.train_annotations, "train", log)
-        val = _dataset(cfg, cfg.val_root, cfg.val_annotations, "val", log)
-    except ValueError as e:
-        raise trainer.SetupError(str(e)) from None
+    test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
+    if test_only:
+        return None, None, test
+    train = _dataset(cfg, cfg.train_root, cfg.train_annotations, "train", log)
+    val = _dataset(cfg, cfg.val_root, cfg.val_annotations, "val", log)
     return train, val, test
 
 
@@ -197,7 +177,7 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
 
 def predict(cfg) -> None:
     """--predict VIDEO: print the top-5 classes of one video with CHECKPOINT's weights."""
-    fill_preset(cfg)
+    trainer.fill_preset(cfg)
     if not cfg.checkpoint or not os.path.exists(cfg.checkpoint):
         raise trainer.SetupError(f"--predict needs --checkpoint PATH (got {cfg.checkpoint!r})")
     if not os.path.exists(cfg.predict):
@@ -245,14 +225,9 @@ def loss(logits, labels):
     return F.cross_entropy(logits.float(), labels)
 
 
-def num_classes(dataset) -> int:
-    """Classes of a Kinetics dataset."""
-    return dataset.num_classes
-
-
 TASK = trainer.Task(name="kinetics", build_datasets=build_datasets, loss=loss,
-                    val_metrics=trainer.topk_accuracy, test=test, primary="top1",
-                    n_classes=num_classes, demo=demo, predict=predict)
+                    val_metrics=trainer.topk_accuracy, test=test, primary="top1", demo=demo,
+                    predict=predict)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ to build its datasets, its loss and its metrics) and calls `main(task, constants
 lives here:
 
 - config: every UPPERCASE constant becomes a command-line flag (`--batch-size 64`, `-gpu 0,1`);
+  the X3D preset fills unset shapes (`fill_preset`), `--demo` settings apply where no flag was given;
 - processes: one process per GPU (NCCL) launched from `-gpu`, several CPU processes (gloo) from
   `--cpu-processes`, or whatever `torchrun` set up across nodes;
 - the loop: a `multigrid.MultigridPlan` decides every batch's shape and the learning rate; the
@@ -482,20 +483,67 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
 
 # ----------------------------------------------------------------------------------------- task
 
+def fill_preset(cfg) -> None:
+    """Replace 0 / empty shape settings (frames, rate, crops, short side) with the X3D preset's."""
+    if cfg.x3d_version not in x3d.PRESETS:
+        raise SetupError(f"--x3d-version {cfg.x3d_version!r}: choose one of {', '.join(x3d.PRESETS)}")
+    p = x3d.PRESETS[cfg.x3d_version]
+    cfg.frames = cfg.frames or p.frames
+    cfg.rate = cfg.rate or p.rate
+    cfg.crop = cfg.crop or p.train_crop
+    cfg.test_crop = cfg.test_crop or p.test_crop
+    cfg.short_side = list(cfg.short_side) or list(p.train_short_side)
+
+
+def num_classes(dataset) -> int:
+    """Classes of a dataset with a `num_classes` attribute (Kinetics and Charades datasets)."""
+    return dataset.num_classes
+
+
+@contextlib.contextmanager
+def setup_errors(hint: str = ""):
+    """Turn a ValueError / FileNotFoundError raised inside into a SetupError (message + hint)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SetupError(f"{e}{hint}") from None
+
+
+def apply_demo_settings(cfg, settings: dict) -> None:
+    """--demo: set each of a script's DEMO_SETTINGS not given as a flag; a missing demo PRETRAINED means from scratch."""
+    for name, value in settings.items():
+        if name.lower() not in cfg.explicit:
+            setattr(cfg, name.lower(), value)
+    if cfg.pretrained and cfg.pretrained == settings.get("PRETRAINED") and not os.path.exists(cfg.pretrained):
+        print(f"demo: {cfg.pretrained} not found (run the demo that writes it first to start from "
+              "its weights): training from scratch")
+        cfg.pretrained = ""
+
+
 @dataclasses.dataclass
 class Task:
     """What differs between Kinetics, Charades classification and Charades localization."""
     name: str
-    build_datasets: Callable  # (cfg, log) -> (train, val, test) datasets; test may be None
+    build_datasets: Callable  # (cfg, log, test_only) -> (train, val, test); test may be None
     loss: Callable  # (logits, targets) -> scalar loss
     val_metrics: Callable  # (scores, targets) -> dict, incl. the primary key
     test: Callable  # (model, test_dataset, cfg, Dist, log, run_dir) -> dict of results (rank 0)
     primary: str  # metric that decides `best`
-    n_classes: Callable  # (train dataset) -> int
+    n_classes: Callable = num_classes  # (train dataset) -> int
     model_task: str = "class"
     multi_label: bool = False
     demo: Callable | None = None  # (cfg) -> None: make the demo dataset and point cfg at it
     predict: Callable | None = None  # (cfg) -> None: `--predict FILE`, print the top classes
+
+
+def load_datasets(task: Task, cfg, log, test_only: bool = False) -> tuple:
+    """The task's (train, val, test) datasets after the preset fills the shape settings.
+
+    A ValueError / FileNotFoundError of the dataset readers becomes a SetupError.
+    """
+    fill_preset(cfg)
+    with setup_errors():
+        return task.build_datasets(cfg, log, test_only=test_only)
 
 
 def build_model(cfg, task: Task, n_classes: int, log) -> torch.nn.Module:
@@ -538,7 +586,8 @@ def make_plan(cfg, d: Dist) -> multigrid.MultigridPlan:
         long_cycle=cfg.long_cycle, short_cycle=cfg.short_cycle, lr_policy=cfg.lr_policy,
         gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs,
         warmup_start_lr=cfg.warmup_start_lr * base_lr / cfg.base_lr if cfg.warmup_start_lr else None,
-        epoch_factor=cfg.epoch_factor, bn_base_size=cfg.bn_base_size)
+        epoch_factor=cfg.epoch_factor, bn_base_size=cfg.bn_base_size,
+        cosine_batch_factor=cfg.cosine_batch_factor)
 
 
 def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:
@@ -637,7 +686,7 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
     log(f"run folder {run_dir}; {d.world} process(es) on {d.device.type}; "
         f"{'resuming from ' + last_path if resume else 'starting fresh'}")
 
-    train_ds, val_ds, test_ds = task.build_datasets(cfg, log)
+    train_ds, val_ds, test_ds = load_datasets(task, cfg, log)
     if d.main:
         _atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(cfg), indent=2))
     n_classes = task.n_classes(train_ds)
@@ -847,7 +896,7 @@ def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips
 def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
     """`--eval-only --checkpoint PATH`: the multi-view test of any checkpoint x3d.py can load."""
     log = RunLog(run_dir_for(cfg), d.main)
-    _, _, test_ds = task.build_datasets(cfg, log, test_only=True)
+    _, _, test_ds = load_datasets(task, cfg, log, test_only=True)
     model = build_model(cfg, task, task.n_classes(test_ds), log)
     if not os.path.exists(cfg.checkpoint):
         raise SetupError(f"--checkpoint {cfg.checkpoint}: no such file")

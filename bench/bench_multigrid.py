@@ -162,7 +162,7 @@ def run_flags(name: str) -> list[str]:
 def config_of(flags: list[str]):
     """The config the trainer resolves from these flags (its own parser and preset rules)."""
     cfg = trainer.parse_config(kinetics.CONSTANTS, flags)
-    kinetics.fill_preset(cfg)
+    trainer.fill_preset(cfg)
     return cfg
 
 
