@@ -154,11 +154,12 @@ def parse_args(argv=None):
         assert len(args.size) == 2
     except (ValueError, AssertionError):
         parser.error(f"--size {args.size!r}: expected WIDTHxHEIGHT such as 128x96")
-    try:
-        args.class_choice = synthetic_data.parse_classes(args.classes)
-        args.difficulty_spec = synthetic_data.parse_difficulty(args.difficulty)
-    except ValueError as e:
-        parser.error(f"--classes / --difficulty: {e}")
+    for flag, parse, name in (("--classes", synthetic_data.parse_classes, "class_choice"),
+                              ("--difficulty", synthetic_data.parse_difficulty, "difficulty_spec")):
+        try:
+            setattr(args, name, parse(getattr(args, flag[2:])))
+        except ValueError as e:
+            parser.error(f"{flag}: {e}")
     if args.evals < 1:
         parser.error(f"--evals must be at least 1, got {args.evals}")
     if args.eval_period < 0:
@@ -604,7 +605,7 @@ def plot(seeds: dict, summary: dict, path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     colors = {"constant": "tab:blue", "multigrid": "tab:orange"}
     many = len(seeds) > 1
     for name in RUNS:
@@ -612,8 +613,9 @@ def plot(seeds: dict, summary: dict, path: str, title: str) -> None:
         if not runs:
             continue
         wall, top1, low, high = _curve(runs)
-        label = f"{name} ({_cell(summary['runs'][name]['iterations'], '{:.0f}')} iterations" + (
-            f"; median of {len(runs)} seeds)" if many else ")")
+        iterations = summary["runs"][name]["iterations"]["median"]
+        label = name + ("" if iterations is None else f" ({iterations:.0f} iterations)") + (
+            f", median of {len(runs)} seeds" if many else "")
         ax.plot(wall, top1, "o-", color=colors[name], label=label, zorder=3)
         if many:
             ax.fill_between(wall, low, high, color=colors[name], alpha=0.2, lw=0, label=f"{name}: range over seeds")
@@ -639,7 +641,7 @@ def plot(seeds: dict, summary: dict, path: str, title: str) -> None:
                    label=f"constant final {target['median']:.1f}%" + (" (median)" if many else ""))
     ax.set(xlabel="training wall-clock, s (evaluations excluded)", ylabel="multi-view top-1, %", title=title)
     ax.set_xlim(left=0)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: curves fill any corner
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

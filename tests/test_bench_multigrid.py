@@ -32,7 +32,7 @@ def _bench(root, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(BENCH, "bench_multigrid.py"), "--tiny", "--device", "cpu",
                            "--out-dir", str(root / "out"), "--data", str(root / "data"), *extra],
-                          capture_output=True, text=True, timeout=300, env=env, check=False)
+                          capture_output=True, text=True, timeout=600, env=env, check=False)
 
 
 @pytest.fixture(scope="module")
