@@ -129,7 +129,8 @@ def parse_args(argv=None):
                         help="runs to train now; a run not listed is read from the seed's folder when it is there")
     parser.add_argument("--summary", action="store_true",
                         help="train nothing: summarize the seeds already in --out-dir (table, JSON, picture)")
-    parser.add_argument("--out-dir", help="seed folders and the summary over them (default logs/bench_multigrid[_cpu|_tiny])")
+    parser.add_argument("--out-dir",
+                        help="seed folders and the summary over them (default logs/bench_multigrid[_cpu|_tiny])")
     parser.add_argument("--data", help="dataset folder (default data/bench_multigrid[_tiny], the demo's for --cpu; "
                                        "reused when complete)")
     parser.add_argument("--run-timeout", type=float, default=0, help="seconds before a training run is stopped; 0: none")
@@ -601,7 +602,7 @@ def _curve(runs: list[dict]) -> tuple[list, list, list, list]:
 
 
 def plot(seeds: dict, summary: dict, path: str, title: str) -> None:
-    """top-1 against wall-clock, both runs: median over seeds with its range shaded, each seed thin; shape changes dotted."""
+    """top-1 against wall-clock, both runs: median over seeds, range shaded, each seed thin; shape changes dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

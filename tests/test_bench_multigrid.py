@@ -127,7 +127,8 @@ def test_png_table_and_run_folders_are_written(tiny):
         train = [r for r in records if r["kind"] == "train"]
         assert train and all(_finite(r["time"]) and _finite(r["window_s"]) for r in train)
         assert not list((out / "seed_0" / name / "checkpoints").glob("epoch_*.pt"))  # tested, then removed
-        assert json.loads((out / "seed_0" / name / "bench_run.json").read_text())["flags"] == result["runs"][name]["flags"]
+        saved = json.loads((out / "seed_0" / name / "bench_run.json").read_text())
+        assert saved["flags"] == result["runs"][name]["flags"]
     summary = json.loads((out / "bench_multigrid.json").read_text())  # the summary over the one seed
     assert summary["summary"]["seeds"] == [0] and summary["table"] == result["table"]
     assert (out / "bench_multigrid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
