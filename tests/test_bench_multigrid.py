@@ -134,19 +134,20 @@ def test_png_table_and_run_folders_are_written(tiny):
     assert (out / "bench_multigrid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_same_seed_again_is_skipped_and_other_options_are_refused(tiny):
+def test_same_seed_again_is_skipped_and_other_options_are_refused(tiny, capsys):
     """A finished seed is kept, not retrained; a call with other settings into the same folder stops, naming them."""
     out, result, _ = tiny
-    root = out.parent
+    argv = ["--tiny", "--device", "cpu", "--out-dir", str(out), "--data", str(out.parent / "data")]
     before = {name: (out / "seed_0" / name / "bench_run.json").read_text() for name in bm.RUNS}
-    again = _bench(root)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert again.stdout.count("is already measured in") == 2 and ": training" not in again.stdout
+    assert bm.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count("is already measured in") == 2 and ": training" not in stdout
     assert {name: (out / "seed_0" / name / "bench_run.json").read_text() for name in bm.RUNS} == before
     assert json.loads((out / "seed_0" / "bench_multigrid.json").read_text())["table"] == result["table"]
-    other = _bench(root, "--seed", "1", "--max-epoch", "3", "--steps", "0,2")
-    assert other.returncode == 2 and "was measured with other settings: max_epoch=2 (now 3), steps='0,1' (now '0,2')" \
-        in other.stderr, other.stderr
+    with pytest.raises(SystemExit) as stop:
+        bm.main(argv + ["--seed", "1", "--max-epoch", "3", "--steps", "0,2"])
+    assert stop.value.code == 2
+    assert "was measured with other settings: max_epoch=2 (now 3), steps='0,1' (now '0,2')" in capsys.readouterr().err
     assert not (out / "seed_1").exists()
 
 
