@@ -116,6 +116,15 @@ CPU = {
     **_demo_dataset(),
 }
 PRESETS = {"tiny": TINY, "cpu": CPU}
+HELP = {
+    "classes": "a count (the first N motions of synthetic_data.CLASS_POOL) or comma-separated motion names",
+    "difficulty": "a synthetic_data preset (easy, medium, hard, demo), optionally with field=value overrides: "
+                  "demo,speed=1.5,distractors=0:1",
+    "short_cycle": "the Multigrid run's short cycle",
+    "eval_period": "epochs between evaluations (precise BN, validation, a kept checkpoint to test); 0: --evals a run",
+    "evals": "evaluations a run when --eval-period is 0",
+    "seed": "the trainer's seed for both runs; each seed goes to <out-dir>/seed_<seed>/",
+}
 
 
 def parse_args(argv=None):
@@ -136,7 +145,8 @@ def parse_args(argv=None):
     parser.add_argument("--run-timeout", type=float, default=0, help="seconds before a training run is stopped; 0: none")
     for name, value in DEFAULTS.items():
         flag = "--" + name.replace("_", "-")
-        shown = f"(default {value!r}; --tiny {TINY.get(name, value)!r}; --cpu {CPU.get(name, value)!r})"
+        shown = (HELP.get(name, "") + f" (default {value!r}; --tiny {TINY.get(name, value)!r}; "
+                 f"--cpu {CPU.get(name, value)!r})").strip()
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=shown)
         else:
