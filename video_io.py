@@ -1,4 +1,5 @@
-"""Decoding shared by every dataset: PyAV for video files, simplejpeg / Pillow for JPEG frame folders.
+"""Decoding shared by every dataset: PyAV for video files, simplejpeg / Pillow for JPEG frame folders
+and frame store files (`frame_store`).
 
 Every reader returns uint8 frames laid out (T, H, W, C) with C = 3 (RGB), the layout that
 `transforms` works on, and raises `VideoDecodeError(path, reason)` for any input it cannot decode,
@@ -22,6 +23,8 @@ except ImportError:  # Pillow alone still decodes everything, only slower
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+STORE_EXTENSION = ".frames"  # frame_store files
+READABLE_EXTENSIONS = VIDEO_EXTENSIONS + (STORE_EXTENSION,)  # files a dataset can read
 
 
 _INEXACT = object()  # VideoFile._decode: skipping frames cannot give this read exactly
@@ -306,14 +309,18 @@ def _pillow_open(path, data):
 
 
 def decode_image(path, min_short_side=None, out=None):
-    """One frame image as uint8 (H, W, 3): simplejpeg, Pillow as the fallback.
+    """One frame image file as uint8 (H, W, 3): see `decode_image_bytes`."""
+    return decode_image_bytes(_read_bytes(path), path, min_short_side, out)
+
+
+def decode_image_bytes(data, path, min_short_side=None, out=None):
+    """One frame image's bytes (`path` names it in errors) as uint8 (H, W, 3): simplejpeg, Pillow as the fallback.
 
     With `min_short_side`, an image at least twice that size is shrunk in the decoder by 2, 4 or 8
     (libjpeg-turbo scaled IDCT / Pillow `draft`), keeping the short side >= min_short_side.
     `out`, a C-contiguous uint8 (H, W, 3) array, receives the pixels when the image decodes to
     exactly that shape (no copy); the returned array is then `out`.
     """
-    data = _read_bytes(path)
     header = _jpeg_header(data)
     if header is not None:
         factor = shrink_factor(min(header), min_short_side)
@@ -339,32 +346,36 @@ def decode_image(path, min_short_side=None, out=None):
         raise VideoDecodeError(path, f"image decoding failed ({error})") from None
 
 
-def read_image_frames(paths, *, min_short_side=None):
-    """uint8 (T, H, W, 3) from a list of frame image paths (repeats decoded once).
+def decode_frames(keys, load, name, min_short_side=None):
+    """uint8 (T, H, W, 3) of the frames `keys` (repeats decoded once): `load(key)` gives a frame's
+    image bytes, `name(key)` names it in errors. Frames after the first are decoded straight into
+    the output array; all must share one size."""
+    first = decode_image_bytes(load(keys[0]), name(keys[0]), min_short_side)
+    frames = np.empty((len(keys),) + first.shape, np.uint8)
+    frames[0] = first
+    decoded = {keys[0]: 0}
+    for t, key in enumerate(keys[1:], start=1):
+        if key in decoded:
+            frames[t] = frames[decoded[key]]
+            continue
+        slot = frames[t]
+        image = decode_image_bytes(load(key), name(key), min_short_side, out=slot)
+        if image.shape != first.shape:
+            raise VideoDecodeError(name(key), f"frame size {image.shape[1]}x{image.shape[0]} differs from "
+                                              f"{first.shape[1]}x{first.shape[0]} of {name(keys[0])}")
+        if image is not slot:
+            slot[:] = image
+        decoded[key] = t
+    return torch.from_numpy(frames)
 
-    Frames after the first are decoded straight into the output array. All frames must share one
-    size; an unreadable frame raises VideoDecodeError naming its file.
-    """
+
+def read_image_frames(paths, *, min_short_side=None):
+    """uint8 (T, H, W, 3) from a list of frame image paths (repeats decoded once; see `decode_frames`);
+    an unreadable frame raises VideoDecodeError naming its file."""
     paths = [str(path) for path in paths]
     if not paths:
         raise ValueError("read_image_frames needs at least one path")
-    first = decode_image(paths[0], min_short_side)
-    frames = np.empty((len(paths),) + first.shape, np.uint8)
-    frames[0] = first
-    decoded = {paths[0]: 0}
-    for t, path in enumerate(paths[1:], start=1):
-        if path in decoded:
-            frames[t] = frames[decoded[path]]
-            continue
-        slot = frames[t]
-        image = decode_image(path, min_short_side, out=slot)
-        if image.shape != first.shape:
-            raise VideoDecodeError(path, f"frame size {image.shape[1]}x{image.shape[0]} differs from "
-                                         f"{first.shape[1]}x{first.shape[0]} of {paths[0]}")
-        if image is not slot:
-            slot[:] = image
-        decoded[path] = t
-    return torch.from_numpy(frames)
+    return decode_frames(paths, _read_bytes, str, min_short_side)
 
 
 def fps_resample_indices(num_frames, fps, target_fps):
@@ -400,11 +411,15 @@ class FrameFolder(_Source):
 
 
 def open_video(path, frame_fps=30.0):
-    """A FrameFolder when `path` is a directory, else a VideoFile; raises VideoDecodeError."""
+    """A FrameFolder when `path` is a directory, a frame_store.FrameStore for a `.frames` file, else a
+    VideoFile; raises VideoDecodeError."""
     if os.path.isdir(path):
         return FrameFolder(path, frame_fps)
     if not os.path.exists(path):
         raise VideoDecodeError(path, "no such file or folder")
+    if str(path).endswith(STORE_EXTENSION):
+        import frame_store  # frame_store imports this module
+        return frame_store.FrameStore(path)
     return VideoFile(path)
 
 
