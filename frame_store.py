@@ -12,13 +12,15 @@ Layout (little-endian):
     magic "X3DFRMS1" | num_frames u32 | fps f64 | quality u32 | short side u32 | small side u32 |
     levels u32   (short / small side: what the writer was asked for, 0 = no small copy)
     per level: width u32, height u32
-    per level: num_frames + 1 offsets u64 (absolute; the last one is the file's size)
-    per level: num_frames CRC-32 u32 of each frame's bytes
+    per level: num_frames + 2 offsets u64 (absolute; the last one is the file's size)
+    per level: num_frames + 1 CRC-32 u32 of each frame's bytes
     the JPEG bytes of level 0's frames, then of level 1's, ...
 
 Frame i holds what `video_io` returns for index i of the source (presentation-time indices, a
 variable-rate source's gaps filled by the earlier frame, display orientation applied, as the
 source's reader does it), so a clip's frame indices are the same from the store and the source.
+One more frame follows the last: what the source's reader returns past its end (for a
+variable-rate video the last decoded frame, which can differ from frame num_frames - 1).
 Files are written to a hidden temporary sibling and renamed when complete and verified.
 """
 import os
@@ -39,6 +41,11 @@ DEFAULT_SHORT_SIDE = 256
 DEFAULT_QUALITY = 90
 DEFAULT_SMALL_SIDE = 0
 DECODE_BUDGET = 192 << 20  # bytes of decoded source frames held at once while writing
+
+
+def _tables_size(count, levels):
+    """Bytes of the size, offset and CRC tables of a store of `count` frames (+ the past-the-end one)."""
+    return 8 * levels + levels * (8 * (count + 2) + 4 * (count + 1))
 
 
 def store_size(width, height, short_side):
@@ -82,13 +89,13 @@ class FrameStore(video_io._Source):
                                               f"fps {fps})")
         self.num_frames, self.fps, self.quality = count, float(fps), quality
         self.settings = {"short_side": short_side, "small_side": small_side, "quality": quality}
-        tables = 8 * levels + levels * (8 * (count + 1) + 4 * count)
+        tables = _tables_size(count, levels)
         raw = self._pread(tables, _HEAD.size, "index")
         sizes = np.frombuffer(raw, "<u4", 2 * levels).reshape(levels, 2)
         self.sizes = [(int(w), int(h)) for w, h in sizes]
         self.width, self.height = self.sizes[0]
-        offsets = np.frombuffer(raw, "<u8", levels * (count + 1), 8 * levels).reshape(levels, count + 1)
-        self._crcs = np.frombuffer(raw, "<u4", levels * count, 8 * levels + offsets.nbytes).reshape(levels, count)
+        offsets = np.frombuffer(raw, "<u8", levels * (count + 2), 8 * levels).reshape(levels, count + 2)
+        self._crcs = np.frombuffer(raw, "<u4", levels * (count + 1), 8 * levels + offsets.nbytes).reshape(levels, -1)
         self._offsets = offsets.astype(np.int64)
         end = int(self._offsets[-1, -1])
         actual = os.fstat(self._fd).st_size
@@ -113,11 +120,11 @@ class FrameStore(video_io._Source):
         return self._pread(int(stop - start), int(start), f"frame {index}")
 
     def read(self, indices, *, min_short_side=None):
-        """uint8 (T, H, W, 3) frames at `indices` (repeats decoded once; past the end: the last frame).
+        """uint8 (T, H, W, 3) frames at `indices` (repeats decoded once; past the end: what the source gave there).
 
         With `min_short_side`, the smallest level that keeps the short side >= it is read, and shrunk
         further in the decoder by 2, 4 or 8 when it stays >= it (never below)."""
-        indices = [min(int(i), self.num_frames - 1) for i in indices]
+        indices = [min(int(i), self.num_frames) for i in indices]
         if not indices or min(indices) < 0:
             raise ValueError(f"read needs non-negative frame indices, got {indices[:4]} for {self.path}")
         level = self.level_for(min_short_side)
@@ -127,7 +134,7 @@ class FrameStore(video_io._Source):
     def verify(self):
         """None when every frame's bytes match their CRC and hold a JPEG of the level's size, else the reason."""
         for level, (width, height) in enumerate(self.sizes):
-            for index in range(self.num_frames):
+            for index in range(self.num_frames + 1):
                 data = self.frame_bytes(index, level)
                 if zlib.crc32(data) != int(self._crcs[level, index]):
                     return f"frame {index} (level {level}) does not match its checksum"
@@ -154,8 +161,8 @@ def _chunks(source, sizes):
     per_frame = 3 * source.width * source.height
     step = max(1, DECODE_BUDGET // per_frame)
     smallest = min(min(size) for size in sizes)
-    for first in range(0, source.num_frames, step):
-        indices = list(range(first, min(first + step, source.num_frames)))
+    for first in range(0, source.num_frames + 1, step):  # index num_frames: what the source gives past its end
+        indices = list(range(first, min(first + step, source.num_frames + 1)))
         frames = source.read(indices, min_short_side=smallest)
         yield indices, [transforms.resize(frames, height, width) for width, height in sizes]
 
@@ -180,9 +187,9 @@ def write_store(source_path, path, *, short_side=DEFAULT_SHORT_SIDE, small_side=
         head, tail = os.path.split(path)
         os.makedirs(head or ".", exist_ok=True)
         tmp = os.path.join(head, f".{tail}{PARTIAL_TAG}{os.getpid()}")
-        tables = 8 * len(sizes) + len(sizes) * (8 * (count + 1) + 4 * count)
-        offsets = np.zeros((len(sizes), count + 1), np.uint64)
-        crcs = np.zeros((len(sizes), count), np.uint32)
+        tables = _tables_size(count, len(sizes))
+        offsets = np.zeros((len(sizes), count + 2), np.uint64)
+        crcs = np.zeros((len(sizes), count + 1), np.uint32)
         pending = [[] for _ in sizes]  # later levels' bytes wait in memory until level 0 is written
         try:
             with open(tmp, "wb") as out:
@@ -198,12 +205,12 @@ def write_store(source_path, path, *, short_side=DEFAULT_SHORT_SIDE, small_side=
                                 position += out.write(data)
                             else:
                                 pending[level].append(data)
-                offsets[0, count] = position
+                offsets[0, count + 1] = position
                 for level in range(1, len(sizes)):
                     for index, data in enumerate(pending[level]):
                         offsets[level, index] = position
                         position += out.write(data)
-                    offsets[level, count] = position
+                    offsets[level, count + 1] = position
                 out.seek(0)
                 out.write(_HEAD.pack(MAGIC, count, source.fps, quality, short_side, small_side or 0, len(sizes)))
                 out.write(np.asarray(sizes, "<u4").tobytes() + offsets.astype("<u8").tobytes()

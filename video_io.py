@@ -165,6 +165,7 @@ class VideoFile(_Source):
                 if skip:
                     needed = packet.pts is None or self._index_of(packet.pts) in wanted
                     codec.skip_frame = "DEFAULT" if needed else "NONREF"
+                    self._dropped = self._dropped or not needed
                 yield packet
         finally:
             codec.skip_frame = "DEFAULT"
@@ -176,6 +177,7 @@ class VideoFile(_Source):
         target = self._start_pts + int(first / self.fps / self._time_base) if seek else self._start_pts
         self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
         got, pending, previous, cache = {}, 0, None, [None, None]
+        self._dropped = False  # set by _packets when it lets the decoder drop a frame
 
         def rgb(frame):
             """RGB array of `frame`, converted once even when several indices share it."""
@@ -194,7 +196,7 @@ class VideoFile(_Source):
                     return None
                 # a wanted index without a frame of its own (variable rate) takes the last earlier frame
                 while pending < len(wanted) and wanted[pending] < index:
-                    if skip:
+                    if skip and self._dropped:
                         return _INEXACT  # that earlier frame may have been dropped
                     got[wanted[pending]] = rgb(previous if previous is not None else frame)
                     pending += 1
@@ -205,8 +207,8 @@ class VideoFile(_Source):
                 if pending == len(wanted):
                     return got
         if previous is not None and pending < len(wanted):  # past the end: repeat the last frame
-            if skip:
-                return _INEXACT
+            if skip and self._dropped:
+                return _INEXACT  # (when nothing was dropped, e.g. every frame wanted, the read is exact)
             for index in wanted[pending:]:
                 got[index] = rgb(previous)
         return got
