@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import re
@@ -582,15 +583,20 @@ class _FrameList:
     def __exit__(self, *exc):
         """Context-manager exit."""
 
+    @functools.cached_property
+    def size(self):
+        """(width, height) of the frames, from the first frame's header (read once)."""
+        return video_io.image_size(self.files[0])
+
     @property
     def width(self):
-        """Frame width, from the first frame's header."""
-        return video_io.image_size(self.files[0])[0]
+        """Frame width."""
+        return self.size[0]
 
     @property
     def height(self):
-        """Frame height, from the first frame's header."""
-        return video_io.image_size(self.files[0])[1]
+        """Frame height."""
+        return self.size[1]
 
     def read(self, indices, *, min_short_side=None):
         """uint8 (T, H, W, 3) frames at in-range `indices`."""

@@ -229,3 +229,14 @@ def test_unreadable_sources_are_named_and_others_converted(tmp_path, capsys):
         ["a/good.frames 0", "b/frames.frames 1"]
     with frame_store.FrameStore(tmp_path / "out" / "b" / "frames.frames") as store:
         assert (store.num_frames, store.fps) == (6, 30.0)
+
+
+def test_val_and_test_views_from_the_store_match_the_source(kinetics_pair):
+    root, store = kinetics_pair
+    for mode in ("val", "test"):
+        options = dict(frames=4, rate=4, crop=64, short_side=(72, 90), test_crop=72, temporal_views=2, log=quiet)
+        source = KineticsDataset(str(root), str(root / "annotations" / "train.csv"), mode, **options)
+        stored = KineticsDataset(str(store), str(store / "annotations" / "train.csv"), mode, **options)
+        for index in range(3):
+            a, b = source[index][0], stored[index][0]
+            assert a.shape == b.shape and (a.float() - b.float()).abs().mean() < 2.5
