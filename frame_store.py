@@ -162,10 +162,10 @@ def _chunks(source, sizes):
     """Lists of (frame index, [uint8 frame per level]) of every frame of `source`, a bounded number at a time."""
     per_frame = 3 * source.width * source.height
     step = max(1, DECODE_BUDGET // per_frame)
-    smallest = min(min(size) for size in sizes)
+    largest = min(sizes[0])  # the decoder may shrink a large source, never below the full level's short side
     for first in range(0, source.num_frames + 1, step):  # index num_frames: what the source gives past its end
         indices = list(range(first, min(first + step, source.num_frames + 1)))
-        frames = source.read(indices, min_short_side=smallest)
+        frames = source.read(indices, min_short_side=largest)
         yield indices, [transforms.resize(frames, height, width) for width, height in sizes]
 
 

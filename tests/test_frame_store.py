@@ -64,6 +64,17 @@ def test_store_frames_follow_presentation_time_and_decode_bit_exact(tmp_path, pt
             assert len({decoded_number(f) for f in source}) < len(wanted)  # the gaps repeat frames
 
 
+def test_a_large_source_is_shrunk_for_the_full_level_not_for_the_small_copy(tmp_path):
+    src = encode_video(tmp_path / "big.mp4", 3, 640, 480, gop=250)
+    with VideoFile(src) as video:
+        full = video.read(range(4))
+        for indices, levels in frame_store._chunks(video, [(341, 256), (213, 160)]):
+            assert indices == [0, 1, 2, 3]
+            # a 2x shrink in the decoder (320x240) keeps >= 160 but would upscale to 256: never taken
+            assert torch.equal(levels[0], T.resize(full, 256, 341))
+            assert torch.equal(levels[1], T.resize(full, 160, 213))
+
+
 def test_smaller_reads_never_go_below_the_asked_short_side(tmp_path):
     src = encode_video(tmp_path / "v.mp4", 6, 340, 256, gop=250)
     path = str(tmp_path / "v.frames")
