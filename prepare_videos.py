@@ -43,8 +43,8 @@ frame anyway. Sources larger than 256 also shrink.
    sources are named on stderr and in `NEW_ROOT/bad_videos.txt`; for label folders the annotation
    lists go to `<root>/annotations` and `NEW_ROOT/annotations` as with `--reencode`. The decode
    check is the conversion itself (every frame is decoded). Measured (bench/bench_store.py,
-   2026-12-03, 340x256 10 s videos, one process, machine shared): 421 CPU-s per 1,000 videos
-   (re-encode: 829), 1.09x the disk of JPEG frame folders of the same frames.
+   2026-12-03, 340x256 10 s videos, one process, machine shared): 354-421 CPU-s per 1,000 videos
+   (re-encode: 792-829), 1.09x the disk of JPEG frame folders of the same frames.
 """
 import argparse
 import multiprocessing
