@@ -28,7 +28,6 @@ import struct
 import zlib
 
 import numpy as np
-import torch
 
 import transforms
 import video_io
