@@ -38,6 +38,19 @@ frames (29.69 vs 29.74 dB).
 A training window decodes from the keyframe at most 29 frames before it instead of from frame 0.
 Multi-view test loading gains little (1.13-1.31x): ten windows spread over the video decode every
 frame anyway. Sources larger than 256 also shrink.
+
+4. `--frame-store NEW_ROOT [--short-side 256 --quality 92 --small-side 0 --frame-fps 30]`: one
+   `frame_store` file per video (`<label>/<stem>.frames`, or `<id>.frames` for a flat
+   `<root>/<id>` tree such as Charades_v1_rgb): every frame as a JPEG at the short side, readable
+   one by one. Sources: video files and JPEG frame folders, in label folders or flat (frame
+   folders carry no rate: `--frame-fps`, 24 for Charades). Parallel with a tqdm bar; each file is
+   written to a hidden temporary name, verified (checksums, sizes) and renamed, so a killed run
+   resumes: verified files with the same settings are kept, partial ones removed. Unreadable
+   sources are named on stderr and in `NEW_ROOT/bad_videos.txt`; for label folders the annotation
+   lists go to `<root>/annotations` and `NEW_ROOT/annotations` as with `--reencode`. The decode
+   check is the conversion itself (every frame is decoded). Measured (bench/bench_store.py,
+   2026-12-03, 340x256 10 s videos, one process, machine shared): 354-421 CPU-s per 1,000 videos
+   (re-encode: 792-829), 1.09x the disk of JPEG frame folders of the same frames.
 """
 import argparse
 import math
@@ -50,8 +63,9 @@ from typing import NamedTuple
 import av
 import numpy as np
 
-from video_io import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoDecodeError, VideoFile, list_frame_files, orient,
-                      read_image_frames)
+import frame_store
+from video_io import (IMAGE_EXTENSIONS, STORE_EXTENSION, VIDEO_EXTENSIONS, VideoDecodeError, VideoFile,
+                      list_frame_files, orient, read_image_frames)
 
 KINETICS_STEM = re.compile(r"^(?P<youtube_id>.+)_(?P<start>\d{6})_(?P<end>\d{6})$")
 PARTIAL_TAG = ".partial-"
@@ -335,6 +349,115 @@ def reencode_tree(root, out_root, entries, short_side=256, keyframe_interval=30,
     return counts, failed
 
 
+def _holds_images(folder):
+    """True when `folder` directly holds frame images (a JPEG frame folder)."""
+    try:
+        with os.scandir(folder) as children:
+            return any(child.name.lower().endswith(IMAGE_EXTENSIONS) for child in children)
+    except OSError:
+        return False
+
+
+def scan_sources(root, skip=()):
+    """(entries, ignored) of every video file and JPEG frame folder under `root`, in either layout:
+    `<root>/<label>/<video file or frame folder>` (label = folder name) or flat `<root>/<id>` (a video
+    file or frame folder right under root, as Charades_v1_rgb; label ""). Sorted by path; folders in
+    `skip` and hidden names are left out. Raises like `scan_tree`."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"video root {root} does not exist or is not a folder")
+    entries, ignored = [], []
+    skip = {os.path.realpath(path) for path in skip}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(".") or os.path.realpath(path) in skip:
+            continue
+        if _is_video_name(name) and os.path.isfile(path) or os.path.isdir(path) and _holds_images(path):
+            entries.append(VideoEntry(name, ""))
+        elif not os.path.isdir(path):
+            ignored.append(name)
+        else:
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as error:
+                raise PermissionError(f"cannot list label folder {path}: {error.strerror}") from None
+            for child in names:
+                relative, full = f"{name}/{child}", os.path.join(path, child)
+                if _is_video_name(child) and os.path.isfile(full) or os.path.isdir(full) and _holds_images(full):
+                    entries.append(VideoEntry(relative, name))
+                elif not child.startswith("."):
+                    ignored.append(relative)
+    if not entries:
+        raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) or JPEG frame folder found under {root}; "
+                         f"expected {os.path.join(root, '<label>', '<file>.mp4')}, a frame folder in its place, "
+                         f"or flat {os.path.join(root, '<id>')} frame folders")
+    return entries, ignored
+
+
+def store_path(entry):
+    """Relative path of the store file of `entry`: its video extension (if any) replaced by `.frames`."""
+    stem, ext = os.path.splitext(entry.path)
+    return (stem if ext.lower() in VIDEO_EXTENSIONS else entry.path) + STORE_EXTENSION
+
+
+def _store_job(job):
+    """Worker entry for `store_tree`: (entry, status or None, error or None)."""
+    entry, src, dst, options = job
+    try:
+        if frame_store.store_matches(dst, options["short_side"], options["small_side"], options["quality"]):
+            return entry, "kept", None
+        frame_store.write_store(src, dst, **options)
+        return entry, "written", None
+    except (VideoDecodeError, av.error.FFmpegError, OSError, ValueError, RuntimeError) as error:
+        return entry, None, str(error) or type(error).__name__
+
+
+def store_tree(root, out_root, entries, short_side=frame_store.DEFAULT_SHORT_SIDE, small_side=None,
+               quality=frame_store.DEFAULT_QUALITY, frame_fps=30.0, workers=1, progress=False):
+    """Convert `entries` of `root` (video files, frame folders) into frame store files under `out_root`
+    (same layout, `.frames`); finished files are kept, partial ones removed and redone. Return
+    ({"written": n, "kept": n}, {relative source path: reason it could not be converted})."""
+    if os.path.realpath(root) == os.path.realpath(out_root):
+        raise ValueError(f"frame store output {out_root} is the source root; choose a new folder")
+    os.makedirs(out_root, exist_ok=True)
+    _remove_partials(out_root)
+    options = dict(short_side=short_side, small_side=small_side, quality=quality, frame_fps=frame_fps)
+    jobs = [(e, os.path.join(root, e.path), os.path.join(out_root, store_path(e)), options) for e in entries]
+    counts, failed = {"written": 0, "kept": 0}, {}
+    for entry, status, error in _parallel(_store_job, jobs, workers, progress, "frame store"):
+        if error is None:
+            counts[status] += 1
+        else:
+            failed[entry.path] = error
+    return counts, failed
+
+
+def _frame_store_main(args, root, out_dir, progress):
+    """`--frame-store NEW_ROOT`: convert every source, name the unreadable ones, write annotation lists."""
+    out_root = os.path.abspath(args.frame_store)
+    try:
+        entries, ignored = scan_sources(root, skip=[out_dir, out_root])
+        counts, failed = store_tree(root, out_root, entries, args.short_side, args.small_side or None,
+                                    args.quality, args.frame_fps, args.workers, progress)
+    except (OSError, ValueError) as error:
+        print(f"prepare_videos: {error}", file=sys.stderr)
+        return 2
+    print(f"{root}: {len(entries)} videos / frame folders"
+          + (f"; ignored {len(ignored)} other entries (first: {', '.join(ignored[:3])})" if ignored else ""))
+    for path, error in sorted(failed.items()):
+        print(f"UNREADABLE {os.path.join(root, path)}: {error}", file=sys.stderr)
+    bad_file = os.path.join(out_root, "bad_videos.txt")
+    _write_text(bad_file, "".join(f"{path}\t{reason}\n" for path, reason in sorted(failed.items())))
+    print(f"frame store {out_root}: {counts['written']} written, {counts['kept']} already done, "
+          f"{len(failed)} unreadable (listed in {bad_file})")
+    good = [e for e in entries if e.path not in failed]
+    if good and all(e.label for e in entries):  # a flat layout (Charades) keeps its own annotation files
+        written = write_annotations(good, out_dir, args.split)
+        stored = write_annotations([VideoEntry(store_path(e), e.label) for e in good],
+                                   os.path.join(out_root, "annotations"), args.split)
+        print(f"wrote {written['annotations']} and {stored['annotations']} ({stored['format']})")
+    return 1 if failed else 0
+
+
 def _arguments(argv):
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -346,19 +469,34 @@ def _arguments(argv):
     parser.add_argument("--drop-bad", action="store_true",
                         help="leave files that fail the check out of the annotations (exit 0)")
     parser.add_argument("--reencode", metavar="NEW_ROOT", help="re-encode every good video into NEW_ROOT")
-    parser.add_argument("--short-side", type=int, default=256, help="re-encode short side (never upscaled)")
+    parser.add_argument("--short-side", type=int, default=256,
+                        help="re-encode / frame store short side (never upscaled)")
     parser.add_argument("--keyframe-interval", type=int, default=30, help="re-encode keyframe interval, frames")
     parser.add_argument("--crf", type=int, default=23, help="x264 constant rate factor")
     parser.add_argument("--preset", default="veryfast", help="x264 preset")
     parser.add_argument("--tune", default="fastdecode", choices=("none",) + X264_TUNES,
                         help="x264 tune; fastdecode (CAVLC, no deblocking) decodes 1.4-1.5x faster; none: "
                              "x264's defaults")
+    parser.add_argument("--frame-store", metavar="NEW_ROOT",
+                        help="convert every video file or JPEG frame folder (label folders or flat <root>/<id>) "
+                             "into one frame store file each under NEW_ROOT")
+    parser.add_argument("--quality", type=int, default=frame_store.DEFAULT_QUALITY, help="frame store JPEG quality")
+    parser.add_argument("--small-side", type=int, default=frame_store.DEFAULT_SMALL_SIDE,
+                        help="frame store: short side of a second, smaller copy of each frame (0: none)")
+    parser.add_argument("--frame-fps", type=float, default=30.0,
+                        help="frame rate of JPEG frame folders (they carry none); Charades_v1_rgb: 24")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     for name in ("short_side", "keyframe_interval", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality must be in 1..100, got {args.quality}")
+    if args.small_side < 0 or args.frame_fps <= 0:
+        parser.error(f"--small-side must be >= 0 and --frame-fps > 0, got {args.small_side} and {args.frame_fps}")
+    if args.frame_store and args.reencode:
+        parser.error("--frame-store and --reencode write different outputs; run them one at a time")
     return args
 
 
@@ -367,6 +505,8 @@ def main(argv=None):
     args = _arguments(argv)
     root, progress = os.path.abspath(args.root), not args.no_progress
     out_dir = os.path.abspath(args.annotations or os.path.join(root, "annotations"))
+    if args.frame_store:
+        return _frame_store_main(args, root, out_dir, progress)
     try:
         entries, ignored = scan_tree(root, skip=[out_dir])
     except (OSError, ValueError) as error:

@@ -1,4 +1,5 @@
-"""Decoding shared by every dataset: PyAV for video files, simplejpeg / Pillow for JPEG frame folders.
+"""Decoding shared by every dataset: PyAV for video files, simplejpeg / Pillow for JPEG frame folders
+and frame store files (`frame_store`).
 
 Every reader returns uint8 frames laid out (T, H, W, C) with C = 3 (RGB), the layout that
 `transforms` works on, and raises `VideoDecodeError(path, reason)` for any input it cannot decode,
@@ -29,6 +30,8 @@ except ImportError:  # Pillow alone still decodes everything, only slower
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+STORE_EXTENSION = ".frames"  # frame_store files
+READABLE_EXTENSIONS = VIDEO_EXTENSIONS + (STORE_EXTENSION,)  # files a dataset can read
 
 
 _INEXACT = object()  # VideoFile._decode: skipping frames cannot give this read exactly
@@ -269,6 +272,7 @@ class VideoFile(_Source):
                 if skip:
                     needed = packet.pts is None or self._index_of(packet.pts) in wanted
                     codec.skip_frame = "DEFAULT" if needed else "NONREF"
+                    self._dropped = self._dropped or not needed
                 yield packet
         finally:
             codec.skip_frame = "DEFAULT"
@@ -280,6 +284,7 @@ class VideoFile(_Source):
         target = self._start_pts + int(first / self.fps / self._time_base) if seek else self._start_pts
         self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
         got, pending, previous, cache = {}, 0, None, [None, None]
+        self._dropped = False  # set by _packets when it lets the decoder drop a frame
 
         def rgb(frame):
             """RGB array of `frame` in display orientation, converted once even when several indices share it."""
@@ -300,7 +305,7 @@ class VideoFile(_Source):
                     return None
                 # a wanted index without a frame of its own (variable rate) takes the last earlier frame
                 while pending < len(wanted) and wanted[pending] < index:
-                    if skip:
+                    if skip and self._dropped:
                         return _INEXACT  # that earlier frame may have been dropped
                     got[wanted[pending]] = rgb(previous if previous is not None else frame)
                     pending += 1
@@ -312,8 +317,8 @@ class VideoFile(_Source):
                     return got
         if previous is not None and pending < len(wanted):  # past the end: repeat the last frame
             self._check_not_cut(wanted[pending])
-            if skip:
-                return _INEXACT
+            if skip and self._dropped:
+                return _INEXACT  # (when nothing was dropped, e.g. every frame wanted, the read is exact)
             for index in wanted[pending:]:
                 got[index] = rgb(previous)
         return got
@@ -500,14 +505,19 @@ def _pillow_open(path, data):
 
 
 def decode_image(path, min_short_side=None, out=None):
-    """One frame image as uint8 (H, W, 3): simplejpeg, Pillow as the fallback.
+    """One frame image file as uint8 (H, W, 3): see `decode_image_bytes`."""
+    return decode_image_bytes(_read_bytes(path), path, min_short_side, out)
+
+
+def decode_image_bytes(data, path, min_short_side=None, out=None, fast_upsample=False):
+    """One frame image's bytes (`path` names it in errors) as uint8 (H, W, 3): simplejpeg, Pillow as the fallback.
 
     With `min_short_side`, an image at least twice that size is shrunk in the decoder by 2, 4 or 8
     (libjpeg-turbo scaled IDCT / Pillow `draft`), keeping the short side >= min_short_side.
     `out`, a C-contiguous uint8 (H, W, 3) array, receives the pixels when the image decodes to
-    exactly that shape (no copy); the returned array is then `out`.
+    exactly that shape (no copy); the returned array is then `out`. `fast_upsample`: 4:2:0 chroma
+    replicated over each 2x2 block (libjpeg's fast upsampling) instead of interpolated.
     """
-    data = _read_bytes(path)
     header = _jpeg_header(data)
     if header is not None:
         factor = shrink_factor(min(header), min_short_side)
@@ -515,7 +525,8 @@ def decode_image(path, min_short_side=None, out=None):
                                              min_width=min(header) // factor)
         fits = out is not None and out.shape == (-(-header[0] // factor), -(-header[1] // factor), 3)
         try:
-            image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out if fits else None, **scaled)
+            image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out if fits else None,
+                                           fastupsample=fast_upsample, **scaled)
             if not fits:
                 return image
             # a scaled size other than ceil(size / factor) landed in `out` laid out wrongly: copy it out
@@ -533,32 +544,36 @@ def decode_image(path, min_short_side=None, out=None):
         raise VideoDecodeError(path, f"image decoding failed ({error})") from None
 
 
-def read_image_frames(paths, *, min_short_side=None):
-    """uint8 (T, H, W, 3) from a list of frame image paths (repeats decoded once).
+def decode_frames(keys, load, name, min_short_side=None, fast_upsample=False):
+    """uint8 (T, H, W, 3) of the frames `keys` (repeats decoded once): `load(key)` gives a frame's
+    image bytes, `name(key)` names it in errors. Frames after the first are decoded straight into
+    the output array; all must share one size."""
+    first = decode_image_bytes(load(keys[0]), name(keys[0]), min_short_side, fast_upsample=fast_upsample)
+    frames = np.empty((len(keys),) + first.shape, np.uint8)
+    frames[0] = first
+    decoded = {keys[0]: 0}
+    for t, key in enumerate(keys[1:], start=1):
+        if key in decoded:
+            frames[t] = frames[decoded[key]]
+            continue
+        slot = frames[t]
+        image = decode_image_bytes(load(key), name(key), min_short_side, out=slot, fast_upsample=fast_upsample)
+        if image.shape != first.shape:
+            raise VideoDecodeError(name(key), f"frame size {image.shape[1]}x{image.shape[0]} differs from "
+                                              f"{first.shape[1]}x{first.shape[0]} of {name(keys[0])}")
+        if image is not slot:
+            slot[:] = image
+        decoded[key] = t
+    return torch.from_numpy(frames)
 
-    Frames after the first are decoded straight into the output array. All frames must share one
-    size; an unreadable frame raises VideoDecodeError naming its file.
-    """
+
+def read_image_frames(paths, *, min_short_side=None):
+    """uint8 (T, H, W, 3) from a list of frame image paths (repeats decoded once; see `decode_frames`);
+    an unreadable frame raises VideoDecodeError naming its file."""
     paths = [str(path) for path in paths]
     if not paths:
         raise ValueError("read_image_frames needs at least one path")
-    first = decode_image(paths[0], min_short_side)
-    frames = np.empty((len(paths),) + first.shape, np.uint8)
-    frames[0] = first
-    decoded = {paths[0]: 0}
-    for t, path in enumerate(paths[1:], start=1):
-        if path in decoded:
-            frames[t] = frames[decoded[path]]
-            continue
-        slot = frames[t]
-        image = decode_image(path, min_short_side, out=slot)
-        if image.shape != first.shape:
-            raise VideoDecodeError(path, f"frame size {image.shape[1]}x{image.shape[0]} differs from "
-                                         f"{first.shape[1]}x{first.shape[0]} of {paths[0]}")
-        if image is not slot:
-            slot[:] = image
-        decoded[path] = t
-    return torch.from_numpy(frames)
+    return decode_frames(paths, _read_bytes, str, min_short_side)
 
 
 def fps_resample_indices(num_frames, fps, target_fps):
@@ -594,11 +609,15 @@ class FrameFolder(_Source):
 
 
 def open_video(path, frame_fps=30.0):
-    """A FrameFolder when `path` is a directory, else a VideoFile; raises VideoDecodeError."""
+    """A FrameFolder when `path` is a directory, a frame_store.FrameStore for a `.frames` file, else a
+    VideoFile; raises VideoDecodeError."""
     if os.path.isdir(path):
         return FrameFolder(path, frame_fps)
     if not os.path.exists(path):
         raise VideoDecodeError(path, "no such file or folder")
+    if str(path).endswith(STORE_EXTENSION):
+        import frame_store  # frame_store imports this module
+        return frame_store.FrameStore(path)
     return VideoFile(path)
 
 
