@@ -276,3 +276,16 @@ def test_prepare_checks_frame_folders_and_keeps_variable_rate_videos(tmp_path, c
                          class_list=str(root / "annotations" / "classes.txt"), frame_fps=30, log=lambda _: None)
     assert [os.path.basename(ds.path(i)) for i in range(len(ds))] == ["frames_ok", "vfr.mp4"]
     assert ds[0][3] == 0 and ds[1][3] == 0  # both decode
+
+
+@needs_display_matrix_writer
+def test_frame_store_of_a_rotated_video_holds_its_frames_upright(tmp_path):
+    import frame_store
+    src = write_rotated(tmp_path / "phone.mp4", ROTATIONS[2][2])
+    store = str(tmp_path / "phone.frames")
+    assert frame_store.write_store(src, store, short_side=48)[1:] == (48, 64)  # width, height as displayed
+    loader = video_io.read_video_frames(src, range(6)).numpy().astype(int)
+    with frame_store.FrameStore(store) as frames:
+        assert (frames.width, frames.height) == (48, 64)
+        stored = frames.read(range(6)).numpy().astype(int)
+    assert np.abs(stored - loader).mean() < 3  # JPEG of the upright frames, not of the stored ones
