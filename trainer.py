@@ -9,9 +9,10 @@ lives here:
   `--cpu-processes`, or whatever `torchrun` set up across nodes;
 - the loop: a `multigrid.MultigridPlan` decides every batch's shape and the learning rate; the
   trainer only reacts to a long-cycle phase change by setting the BN splits (statistics are kept);
-- checkpoints: written atomically (temp file + rename) every N iterations and epochs, plus `last`
-  and `best`; a run restarted in the same folder resumes model, optimizer, scaler, LR position,
-  Multigrid phase, RNG states and sampler position, so a killed run ends with the same weights;
+- checkpoints: written atomically and checksummed (checkpoints.py) every N iterations and epochs,
+  plus `last` and `best`; a run restarted in the same folder resumes model, optimizer, scaler, LR
+  position, Multigrid phase, RNG states, sampler position and counters from the newest intact
+  one, so a killed run ends with the same weights;
 - evaluation: precise BN, clip-level validation, multi-view test, per-video predictions;
 - logs: `logs/<run>/` holds config.json, log.txt, metrics.jsonl, PNG plots and checkpoints.
 """
@@ -381,9 +382,14 @@ class RunLog:
 
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:  # e.g. a full disk: leave no partial file behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -1000,7 +1006,7 @@ def _stop_message(e: BaseException, cfg) -> str | None:
     if isinstance(e, SetupError):
         return str(e)
     if isinstance(e, checkpoints.NonFinite):
-        return (f"{e}: the run stopped without writing it. Last good checkpoint: "
+        return (f"{e}; the run stopped (nothing non-finite is ever written). Last good checkpoint: "
                 f"{checkpoints.last_written(os.path.join(run_dir, 'checkpoints'))}. Lower --base-lr "
                 "or lengthen --warmup-epochs (or check the data), then rerun to resume from it; a "
                 "large |weight| there means the divergence began earlier: start a new --run-name")
