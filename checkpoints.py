@@ -121,11 +121,10 @@ def write_failed_message(path: str, error: OSError) -> str:
     reason = os.strerror(error.errno) if error.errno else str(error)
     folder = os.path.dirname(os.path.abspath(path))
     ckpt_folder = folder if os.path.basename(folder) == "checkpoints" else os.path.join(folder, "checkpoints")
-    fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space"}.get(
-        error.errno, "make the folder writable")
+    fix = {errno.ENOSPC: "Free some space", errno.EDQUOT: "Free some space"}.get(
+        error.errno, "Make the folder writable")
     return (f"cannot write {path}: {reason}; {free_space(path)}; last good checkpoint: "
-            f"{last_written(ckpt_folder)}. Nothing partial was left behind: {fix}, then rerun the "
-            "same command to resume from that checkpoint.")
+            f"{last_written(ckpt_folder)}. {fix}, then rerun the same command to resume from it.")
 
 
 def save(path: str, state: dict) -> None:

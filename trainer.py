@@ -259,12 +259,18 @@ def launch(fn: Callable, cfg) -> None:
 # ------------------------------------------------------------------------------------ run folder
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """Every record of a run folder's metrics.jsonl ([] before the first one is written)."""
+    """Every record of a run folder's metrics.jsonl ([] before the first one is written).
+
+    A last line cut short (a full disk during the append) is left out: resume rewrites the file.
+    """
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 class RunLog:
@@ -596,8 +602,8 @@ def _load(model, path: str) -> dict:
 def stored_class_names(path: str) -> list[str] | None:
     """The class names a checkpoint of this repo stores (index = label), or None."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # unreadable files are reported by the loader that follows
+        state = x3d._load_file(path)[0]  # x3d's reader: weights-only first, as for loading weights
+    except (OSError, ValueError):  # unreadable files are reported by the loader that follows
         return None
     names = state.get("class_names") if isinstance(state, dict) else None
     return list(names) if names else None

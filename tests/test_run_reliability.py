@@ -230,7 +230,7 @@ def test_unwritable_checkpoint_folder_stops_with_one_line(data, tmp_path):
     finally:
         subprocess.run(unlock, check=True)
     one_line_error(failed, f"cannot write {ckpt_dir}/last.pt", "MB free", "last good checkpoint: none yet",
-                   "make the folder writable")
+                   "Make the folder writable")
     assert temp_files(tmp_path / "ro") == []
 
 
@@ -322,9 +322,11 @@ def test_changed_schedule_is_refused_then_forced(data, baseline, tmp_path):
     run_dir = tmp_path / "base"
     shutil.copytree(baseline, run_dir)
     before = sorted((p.name, p.stat().st_mtime) for p in run_dir.rglob("*"))
-    refused = run(args(data, tmp_path, "base", **{"batch-size": 2, "max-epoch": 3}))
-    one_line_error(refused, "--batch-size: checkpoint 4, now 2", "--max-epoch: checkpoint 2, now 3",
-                   "--force-resume", "--run-name")
+    code, err = _main_in_process(data, tmp_path, run_name="base", **{"batch-size": 2, "max-epoch": 3})
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    for needle in ("--batch-size: checkpoint 4, now 2", "--max-epoch: checkpoint 2, now 3", "--force-resume",
+                   "--run-name"):
+        assert needle in err, (needle, err)
     assert sorted((p.name, p.stat().st_mtime) for p in run_dir.rglob("*")) == before
     forced = run(args(data, tmp_path, "base", "--force-resume", **{"max-epoch": 3}))
     assert forced.returncode == 0, forced.stderr[-3000:]
@@ -332,17 +334,20 @@ def test_changed_schedule_is_refused_then_forced(data, baseline, tmp_path):
     assert state(run_dir / "checkpoints" / "last.pt")["epoch"] == 3
 
 
-def _main_in_process(data, tmp_path, *extra, **overrides):
-    """trainer.main of the Kinetics script in this process: (exit code, stderr text)."""
+def _main_in_process(data, tmp_path, *extra, run_name="refused", **overrides):
+    """trainer.main of the Kinetics script in this process (for runs that stop before training or
+    only evaluate): (exit code, stderr text). torch's thread count is restored afterwards."""
     import train_x3d_kinetics_multigrid as script
-    argv = args(data, tmp_path, "refused", *extra, **overrides)[2:]
-    err = io.StringIO()
+    argv = args(data, tmp_path, run_name, *extra, **overrides)[2:]
+    err, threads = io.StringIO(), torch.get_num_threads()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             trainer.main(script.TASK, script.CONSTANTS, argv)
             code = 0
         except SystemExit as e:
             code = e.code
+        finally:
+            torch.set_num_threads(threads)
     return code, err.getvalue()
 
 
