@@ -985,7 +985,7 @@ def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips
 
 def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
     """`--eval-only --checkpoint PATH`: the multi-view test of any checkpoint x3d.py can load."""
-    log = RunLog(run_dir_for(cfg), d.main)
+    log = RunLog(run_dir_for(cfg), d.main, create=False)  # no folder for a refused evaluation
     if os.path.exists(cfg.checkpoint):
         cfg.class_names = stored_class_names(cfg.checkpoint)  # test labels map onto these names
     _, _, test_ds = task.build_datasets(cfg, log, test_only=True)
@@ -993,6 +993,7 @@ def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
     if not os.path.exists(cfg.checkpoint):
         raise SetupError(f"--checkpoint {cfg.checkpoint}: no such file")
     log(f"evaluating {cfg.checkpoint}: {_summary(_load(model, cfg.checkpoint))}")
+    log.open()
     model.to(d.device)
     results = task.test(model, test_ds, cfg, d, log, run_dir_for(cfg))
     if d.main:
@@ -1034,7 +1035,7 @@ def _worker(cfg, d: Dist, task: Task) -> None:
         message = _stop_message(e, cfg)
         if message is None:
             raise
-        if d.main:
+        if d.main or isinstance(e, video_io.TooManyFailures):  # the others stop on every rank
             print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 

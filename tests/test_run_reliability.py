@@ -419,3 +419,13 @@ def test_videos_failing_in_a_row_stop_with_one_line(tmp_path):
         _add_corrupt_video(bad, "train", label, f"broken{i:05d}xx")
     failed = run(args(bad, tmp_path, "bad", **{"workers": 1, "class-list": None}))
     one_line_error(failed, "10 videos in a row failed to decode", "broken", "The run stopped")
+
+
+def test_eval_only_of_a_corrupt_checkpoint_is_one_line_and_no_folder(data, baseline, tmp_path):
+    """--eval-only verifies the checksum too: flipped bytes stop it before any folder is made."""
+    flipped = tmp_path / "flipped.pt"
+    shutil.copy(baseline / "checkpoints" / "final.pt", flipped)
+    _flip_bytes_in_largest_tensor(flipped)
+    code, err = _main_in_process(data, tmp_path, "--eval-only", checkpoint=str(flipped))
+    assert code == 2 and f"{flipped} is corrupt" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "refused").exists()
