@@ -23,9 +23,10 @@ import torch
 
 CHECKSUM_KEY = "checksum"
 # Settings that decide which sample each (epoch, iteration) position trains on and at what shape:
-# resuming under different values would continue at the old position of another schedule.
-SCHEDULE_KEYS = ("x3d_version", "batch_size", "frames", "rate", "crop", "max_epoch", "steps",
-                 "long_cycle", "short_cycle", "epoch_factor", "bn_base_size", "seed")
+# resuming under different values would continue at the old position of another schedule. (The
+# model and its classes must match outright; the learning rate may change, e.g. after divergence.)
+SCHEDULE_KEYS = ("batch_size", "frames", "rate", "crop", "max_epoch", "steps", "long_cycle",
+                 "short_cycle", "epoch_factor", "bn_base_size", "seed")
 _TEMP = re.compile(r".+\.tmp\d+$")
 _LAST_WRITTEN = {}  # folder -> (path, description) of the newest checkpoint this process wrote
 

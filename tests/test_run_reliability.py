@@ -8,7 +8,6 @@ cut off in checkpoint files. Every run is a 2-class X3D-XS at 2 frames and crop 
 """
 import contextlib
 import io
-import json
 import os
 import shutil
 import signal
