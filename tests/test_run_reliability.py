@@ -333,13 +333,14 @@ def test_changed_schedule_is_refused_then_forced(data, baseline, tmp_path):
     assert state(run_dir / "checkpoints" / "last.pt")["epoch"] == 3
 
 
-def _main_in_process(data, tmp_path, *extra, run_name="refused", **overrides):
+def _main_in_process(data, tmp_path, *extra, run_name="refused", out=None, **overrides):
     """trainer.main of the Kinetics script in this process (for runs that stop before training or
-    only evaluate): (exit code, stderr text). torch's thread count is restored afterwards."""
+    only evaluate): (exit code, stderr text); stdout goes to `out` when given. torch's thread count
+    is restored afterwards."""
     import train_x3d_kinetics_multigrid as script
     argv = args(data, tmp_path, run_name, *extra, **overrides)[2:]
     err, threads = io.StringIO(), torch.get_num_threads()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out or io.StringIO()):
         try:
             trainer.main(script.TASK, script.CONSTANTS, argv)
             code = 0
@@ -379,8 +380,8 @@ def test_header_only_csv_is_one_line(data, tmp_path):
 
 def test_validation_labels_map_by_name_onto_training_classes(data, baseline, tmp_path):
     """Without --class-list, a validation list holding only the second class keeps its index (1, not
-    0); an unknown name is an error at start naming file and line; --eval-only maps by the names
-    stored in the checkpoint."""
+    0); an unknown name is an error at start naming file and line; --eval-only and --predict use
+    the names stored in the checkpoint."""
     import train_x3d_kinetics_multigrid as script
     second = data["names"][1]
     with open(data["val_csv"]) as f:
@@ -405,6 +406,13 @@ def test_validation_labels_map_by_name_onto_training_classes(data, baseline, tmp
     assert code == 0, err
     predictions = (tmp_path / "refused" / "test_predictions.csv").read_text().splitlines()
     assert predictions[1].split(",")[1] == f'"{second}"', predictions
+
+    video = predictions[1].split(",")[0].strip('"')
+    out = io.StringIO()
+    code, err = _main_in_process(data, tmp_path, out=out, **{
+        "checkpoint": final, "predict": video, "class-list": None, "train-annotations": "/nonexistent.csv"})
+    assert code == 0 and sorted(line.split(None, 1)[1] for line in out.getvalue().splitlines()[1:]) \
+        == sorted(data["names"]), (out.getvalue(), err)
 
 
 def test_videos_failing_in_a_row_stop_with_one_line(tmp_path):
