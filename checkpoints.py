@@ -82,7 +82,7 @@ def checksums(state: dict) -> dict:
 
 
 def largest_weight(model_state: dict) -> float:
-    """max |value| over the floating-point tensors of a model state dict (inf / nan when present)."""
+    """max |value| over a model state dict's floating-point tensors (weights, BN statistics); inf / nan if any."""
     worst = 0.0
     for value in model_state.values():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
@@ -150,7 +150,7 @@ def save(path: str, state: dict) -> None:
         raise WriteFailed(write_failed_message(path, error)) from None
     if os.path.basename(path) == "last.pt":  # what the run resumes from
         _LAST_WRITTEN[os.path.dirname(os.path.abspath(path))] = (
-            f"{path}, {describe(state)}, finite weights, largest |weight| {worst:.3g}")
+            f"{path}, {describe(state)}, finite weights, largest |value| in the model {worst:.3g}")
 
 
 def verify(state, path: str) -> str:

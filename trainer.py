@@ -1016,7 +1016,7 @@ def _stop_message(e: BaseException, cfg) -> str | None:
         return (f"{e}; the run stopped (nothing non-finite is ever written). Last good checkpoint: "
                 f"{checkpoints.last_written(os.path.join(run_dir, 'checkpoints'))}. Lower --base-lr "
                 "or lengthen --warmup-epochs (or check the data), then rerun to resume from it; a "
-                "large |weight| there means the divergence began earlier: start a new --run-name")
+                "large |value| there means the divergence began earlier: start a new --run-name")
     if isinstance(e, video_io.TooManyFailures):
         # from a DataLoader worker the text is the worker's traceback: its last line is the message
         text = str(e).strip().splitlines()[-1]
