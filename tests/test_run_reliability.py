@@ -210,20 +210,32 @@ def test_full_disk_stops_with_one_line_and_the_same_command_resumes(data, baseli
         assert temp_files(disk / "full") == []
 
 
+def _lock(folder):
+    """Make `folder` unwritable for this process for real; the command that undoes it.
+
+    Root ignores permission bits, so as root the folder is made immutable (chattr +i) or, where
+    the file system has no such flag, covered by a read-only tmpfs; otherwise it is chmod 555.
+    """
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return ["chmod", "755", str(folder)]
+    tries = ((["chattr", "+i", str(folder)], ["chattr", "-i", str(folder)]),
+             (["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], ["umount", "-l", str(folder)]))
+    errors = []
+    for lock, unlock in tries:
+        done = subprocess.run(lock, capture_output=True, text=True) if shutil.which(lock[0]) else None
+        if done is not None and done.returncode == 0:
+            return unlock
+        errors.append(f"{lock[0]}: {done.stderr.strip() if done else 'not installed'}")
+    pytest.skip("cannot make a folder unwritable for root here (" + "; ".join(errors) + ")")
+
+
 def test_unwritable_checkpoint_folder_stops_with_one_line(data, tmp_path):
-    """A checkpoint folder the run may not write into (immutable as root: chattr +i; read-only
-    otherwise): one line naming the path and that no checkpoint exists yet; no temp file."""
+    """A checkpoint folder the run may not write into: one line naming the path and that no
+    checkpoint exists yet; no temp file."""
     ckpt_dir = tmp_path / "ro" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
-    if os.geteuid() == 0:
-        locked = subprocess.run(["chattr", "+i", str(ckpt_dir)], capture_output=True, text=True) \
-            if shutil.which("chattr") else None
-        if locked is None or locked.returncode != 0:
-            pytest.skip("root ignores folder permissions and chattr +i is not available here")
-        unlock = ["chattr", "-i", str(ckpt_dir)]
-    else:
-        ckpt_dir.chmod(0o555)
-        unlock = ["chmod", "755", str(ckpt_dir)]
+    unlock = _lock(ckpt_dir)
     try:
         failed = run(args(data, tmp_path, "ro"))
     finally:
