@@ -3,8 +3,8 @@ not write, corrupted checkpoints, divergence, changed settings, bad flag values 
 
 Real parts only: the real training script in a subprocess, a real SIGKILL while it writes, a real
 full file system (a tmpfs mounted with a size, where the test may mount one), a real write
-permission failure (an immutable folder as root, a read-only one otherwise), real bytes flipped and
-cut off in checkpoint files. Every run is a 2-class X3D-XS at 2 frames and crop 24, 4 iterations.
+failure (as root a folder made immutable or covered by a read-only tmpfs, chmod 555 otherwise),
+real bytes flipped and cut off in checkpoint files. Every run is a 2-class X3D-XS at 2 frames and crop 24, 4 iterations.
 """
 import contextlib
 import io
@@ -32,7 +32,7 @@ def _add_corrupt_video(data, split, label, youtube_id):
     """A listed video of `label` whose file is not a video (decoding it fails)."""
     root, csv = (data["train_root"], data["train_csv"]) if split == "train" else (data["val_root"], data["val_csv"])
     with open(os.path.join(root, label, f"{youtube_id}_000000_000001.mp4"), "wb") as f:
-        f.write(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+        f.write(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 12)
     with open(csv, "a") as f:
         f.write(f'"{label}",{youtube_id},0,1,{split}\n')
 
