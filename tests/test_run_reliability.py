@@ -448,3 +448,9 @@ def test_eval_only_of_a_corrupt_checkpoint_is_one_line_and_no_folder(data, basel
     code, err = _main_in_process(data, tmp_path, "--eval-only", checkpoint=str(flipped))
     assert code == 2 and f"{flipped} is corrupt" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "refused").exists()
+
+
+def test_metrics_line_cut_short_by_a_full_disk_is_left_out(tmp_path):
+    """A metrics.jsonl whose last append was cut short still reads (resume then rewrites it)."""
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    assert trainer.read_metrics(str(tmp_path)) == [{"kind": "train", "step": 1}]
