@@ -69,6 +69,8 @@ def read_kinetics_csv(path):
         label = row[column["label"]].strip() if "label" in column else None
         out.append(Annotation(f"{label}/{stem}.mp4" if label else f"{stem}.mp4", (stem,), label or None,
                               f"{path}:{line}"))
+    if not out:
+        raise ValueError(f"{path}: only a header, no videos listed")
     return out
 
 
@@ -169,16 +171,18 @@ def _class_key(name):
     return name.replace("_", " ").strip()
 
 
-def assign_labels(annotations, classes=None, class_file=None):
+def assign_labels(annotations, classes=None, class_file=None, source=None):
     """(classes, label indices) for annotations: names map through `classes` (else alphabetical order of
-    the names), integer labels are indices; unlabelled entries get -1. Unknown labels raise ValueError."""
+    the names), integer labels are indices; unlabelled entries get -1. Unknown labels raise ValueError
+    naming the file and line, and `source` (where `classes` came from; default: the class list file)."""
+    source = source or (f"class list {class_file}" if class_file else "the class list")
     given = [a.label for a in annotations if a.label is not None]
     if given and all(isinstance(label, int) for label in given):
         classes = classes or [str(i) for i in range(max(given) + 1)]
         for a in annotations:
             if a.label is not None and not 0 <= a.label < len(classes):
                 raise ValueError(f"{a.where}: label {a.label} outside 0..{len(classes) - 1} "
-                                 f"({len(classes)} classes{' in ' + class_file if class_file else ''})")
+                                 f"({len(classes)} classes of {source})")
         return classes, [-1 if a.label is None else a.label for a in annotations]
     names = [str(label) for label in given]
     classes = classes or sorted(set(names))
@@ -190,7 +194,6 @@ def assign_labels(annotations, classes=None, class_file=None):
             continue
         key = _class_key(str(a.label))
         if key not in index:
-            source = f"class list {class_file}" if class_file else "the class list"
             raise ValueError(f"{a.where}: label {a.label!r} is not in {source} ({len(classes)} classes); "
                              "fix the annotation or add the class")
         labels.append(index[key])
@@ -261,12 +264,15 @@ class KineticsDataset(torch.utils.data.Dataset):
     clips at random like training), so the per-epoch validation number does not jitter.
     """
 
-    def __init__(self, root, annotations, mode="train", *, class_list=None, frames=16, rate=5, crop=224,
+    def __init__(self, root, annotations, mode="train", *, class_list=None, classes=None, classes_from=None,
+                 frames=16, rate=5, crop=224,
                  short_side=(256, 320), inverse_uniform=False, test_crop=None, temporal_views=10,
                  spatial_views=3, target_fps=30, max_retries=10, seed=0, frame_fps=30.0, random_flip=True,
                  log=print):
         """Read the annotations, find every video under `root`, log and keep the index report.
 
+        `classes` (names in label order, e.g. the training set's or a checkpoint's) maps labels by
+        name and wins over `class_list`; `classes_from` says where they came from, for errors.
         `frame_fps` is the rate JPEG frame folders were extracted at (files carry no rate).
         `random_flip=False` turns off the training flip, for classes that a mirror image swaps
         (the synthetic dataset's moving left / right, rotating clockwise / counterclockwise).
@@ -290,8 +296,9 @@ class KineticsDataset(torch.utils.data.Dataset):
         self._rng, self._rng_owner = None, None
 
         entries = read_annotations(annotations, mode)
-        names = read_class_list(class_list) if class_list else None
-        self.classes, labels = assign_labels(entries, names, class_list)
+        names = list(classes) if classes else read_class_list(class_list) if class_list else None
+        self.classes, labels = assign_labels(entries, names, class_list,
+                                             classes_from if classes else None)
         found = None  # the folder scan runs only if some listed path does not exist as written
         paths, kept, missing = [], [], []
         for entry, label in zip(entries, labels):

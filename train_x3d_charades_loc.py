@@ -40,6 +40,7 @@ DEMO = False             # generate the synthetic Charades-format dataset and tr
 RUN_NAME = "charades_loc_x3d_m"
 LOG_DIR = "logs"
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
+FORCE_RESUME = False     # resume even when schedule settings (batch size, epochs, ...) changed
 
 FRAMES_ROOT = "/data/charades/Charades_v1_rgb"   # <id>/<id>-000001.jpg at 24 fps (or <id>.mp4)
 TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"

@@ -15,6 +15,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import kinetics_multigrid
 import synthetic_data
 import trainer
@@ -28,6 +29,7 @@ DEMO = False             # generate the synthetic Kinetics-format dataset and tr
 RUN_NAME = "kinetics_x3d_m"
 LOG_DIR = "logs"
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
+FORCE_RESUME = False     # resume even when schedule settings (batch size, epochs, ...) changed
 
 TRAIN_ROOT = "/data/kinetics400/train"     # <label>/<youtube_id>_<start>_<end>.mp4 (or frames)
 TRAIN_ANNOTATIONS = "/data/kinetics400/annotations/train.csv"   # Kinetics CSV, `path label`, JSON
@@ -123,26 +125,35 @@ def demo(cfg) -> None:
     trainer.apply_demo_settings(cfg, DEMO_SETTINGS)
 
 
-def _dataset(cfg, root, annotations, mode, log):
+def _dataset(cfg, root, annotations, mode, log, classes=None, classes_from=None):
     for what, path in (("root", root), ("annotations", annotations)):
         if not os.path.exists(path):
             raise trainer.SetupError(
                 f"Kinetics {mode} {what} {path!r} does not exist: set --{mode}-{what} "
                 "(or the constant at the top of train_x3d_kinetics_multigrid.py), or run --demo")
     return kinetics_multigrid.KineticsDataset(
-        root, annotations, mode, class_list=cfg.class_list or None, frames=cfg.frames,
+        root, annotations, mode, class_list=cfg.class_list or None, classes=classes,
+        classes_from=classes_from, frames=cfg.frames,
         rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
         temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
         target_fps=cfg.target_fps, seed=cfg.seed, random_flip=cfg.random_flip, log=log)
 
 
 def build_datasets(cfg, log, test_only=False):
-    """(train, val, test) Kinetics datasets; val and test read the same validation list."""
-    test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
+    """(train, val, test) Kinetics datasets; val and test read the same validation list, their labels
+    mapped by name onto the training classes (--eval-only: the checkpoint's, else --class-list)."""
     if test_only:
-        return None, None, test
+        names = getattr(cfg, "class_names", None)
+        if names and cfg.class_list and kinetics_multigrid.read_class_list(cfg.class_list) != names:
+            raise trainer.SetupError(
+                f"--class-list {cfg.class_list} differs from the {len(names)} class names stored "
+                f"in {cfg.checkpoint} (names or order): leave --class-list out to use the checkpoint's")
+        return None, None, _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log, names,
+                                    f"the classes stored in {cfg.checkpoint}")
     train = _dataset(cfg, cfg.train_root, cfg.train_annotations, "train", log)
-    val = _dataset(cfg, cfg.val_root, cfg.val_annotations, "val", log)
+    source = f"the training classes (of {cfg.class_list or cfg.train_annotations})"
+    val = _dataset(cfg, cfg.val_root, cfg.val_annotations, "val", log, train.classes, source)
+    test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log, train.classes, source)
     return train, val, test
 
 
@@ -190,7 +201,10 @@ def predict(cfg) -> None:
             "/", listing, "test", frames=cfg.frames, rate=cfg.rate, crop=cfg.crop,
             test_crop=cfg.test_crop, temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
             target_fps=cfg.target_fps, log=lambda m: None)
-        ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+        try:
+            ckpt = checkpoints.load(cfg.checkpoint)[0]
+        except checkpoints.Corrupt as e:
+            raise trainer.SetupError(str(e)) from None
         n_classes = ckpt.get("n_classes", 400) if isinstance(ckpt, dict) else 400
         model = x3d.generate_model(cfg.x3d_version, n_classes=n_classes)
         try:
@@ -203,7 +217,7 @@ def predict(cfg) -> None:
         model.eval()
         with torch.no_grad():
             probs = model.predict(transforms.normalize(views)).mean(0)
-    names = _class_names(cfg, n_classes)
+    names = (ckpt.get("class_names") if isinstance(ckpt, dict) else None) or _class_names(cfg, n_classes)
     top = probs.topk(min(5, n_classes))
     print(f"{cfg.predict}:")
     for p, c in zip(top.values.tolist(), top.indices.tolist()):

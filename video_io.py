@@ -52,6 +52,10 @@ class VideoDecodeError(Exception):
         return (VideoDecodeError, (self.path, self.reason))
 
 
+class TooManyFailures(RuntimeError):
+    """Too many videos in a row could not be decoded: the dataset needs a look, not a replacement."""
+
+
 def shrink_factor(short_side, min_short_side, factors=(8, 4, 2)):
     """Largest integer factor in `factors` that keeps `short_side / factor >= min_short_side` (1 if none)."""
     if not min_short_side:
@@ -638,6 +642,6 @@ def read_with_retries(read, index, count, seed, max_retries, log, what):
             failed.append(f"{error.path} ({error.reason})")
             log(f"{what}: replacing {error.path}: {error.reason}")
             if len(failed) >= max_retries:
-                raise RuntimeError(f"{len(failed)} videos in a row failed to decode: " + "; ".join(failed)
+                raise TooManyFailures(f"{len(failed)} videos in a row failed to decode: " + "; ".join(failed)
                                    + ". Check the dataset (prepare_videos.py tests every file).") from None
             index = int(torch.randint(count, (), generator=generator).item())
