@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "train_*.py")))
 LIBRARY = {"x3d", "x3d_kernels", "multigrid", "trainer", "kinetics_multigrid", "charades",
-           "transforms", "video_io", "synthetic_data"}
+           "transforms", "video_io", "synthetic_data", "checkpoints", "frame_store"}
 
 
 def imported_modules(path):
