@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import re
@@ -29,7 +30,7 @@ import torch.utils.data
 import transforms as T
 import video_io
 from multigrid import check_request
-from video_io import VIDEO_EXTENSIONS, VideoDecodeError, open_video, read_image_frames
+from video_io import READABLE_EXTENSIONS, VideoDecodeError, open_video, read_image_frames
 
 NUM_CLASSES = 157
 FPS = 24
@@ -395,6 +396,12 @@ def frame_map(scores, targets, count_empty_classes_as_zero: bool = False) -> Fra
     return _mean_ap(FrameMAP, ap, "frame_map")
 
 
+def random_baseline(metric, shape, labels, seeds: int = 10) -> float:
+    """Chance level: mean over `seeds` of metric(uniform random scores of `shape`, labels).map."""
+    return float(np.mean([metric(np.random.default_rng(s).random(shape), labels).map
+                          for s in range(seeds)]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Submission files
 # ----------------------------------------------------------------------------------------------
@@ -582,6 +589,21 @@ class _FrameList:
     def __exit__(self, *exc):
         """Context-manager exit."""
 
+    @functools.cached_property
+    def size(self):
+        """(width, height) of the frames, from the first frame's header (read once)."""
+        return video_io.image_size(self.files[0])
+
+    @property
+    def width(self):
+        """Frame width."""
+        return self.size[0]
+
+    @property
+    def height(self):
+        """Frame height."""
+        return self.size[1]
+
     def read(self, indices, *, min_short_side=None):
         """uint8 (T, H, W, 3) frames at in-range `indices`."""
         return read_image_frames([self.files[int(i)] for i in indices], min_short_side=min_short_side)
@@ -612,7 +634,8 @@ def interpolate_scores(times, scores, query) -> np.ndarray:
 
 
 class CharadesDataset(torch.utils.data.Dataset):
-    """Charades clips from ``Charades_v1_rgb/<id>/<id>-NNNNNN.jpg`` frames (or ``<root>/<id>.mp4`` videos).
+    """Charades clips from ``Charades_v1_rgb/<id>/<id>-NNNNNN.jpg`` frames (or ``<root>/<id>.mp4`` videos,
+    ``<root>/<id>.frames`` frame store files).
 
     mode 'train' takes an int or a multigrid.ClipRequest and returns (clip uint8 (3, T, S, S),
     target, index, failures); 'val' takes an int and returns the same for the centre clip at the
@@ -679,14 +702,14 @@ class CharadesDataset(torch.utils.data.Dataset):
             f"{self.root}, {len(missing)} missing" + (f" (first: {', '.join(missing[:3])})" if missing else ""))
         if not self.videos:
             raise ValueError(f"no video of {annotations} found under {self.root}; expected e.g. {missing[0]} "
-                             f"(<root>/<id>/<id>-000001.jpg frames, or <root>/<id>.mp4)")
+                             f"(<root>/<id>/<id>-000001.jpg frames, <root>/<id>.mp4 or <root>/<id>.frames)")
 
     def _find(self, vid: str):
-        """The frame folder or video file of a video id under the root, or None."""
+        """The frame folder, video file or frame store file of a video id under the root, or None."""
         folder = os.path.join(self.root, vid)
         if os.path.isdir(folder):
             return folder
-        for ext in VIDEO_EXTENSIONS:
+        for ext in READABLE_EXTENSIONS:
             if os.path.isfile(folder + ext):
                 return folder + ext
         return None
@@ -758,15 +781,16 @@ class CharadesDataset(torch.utils.data.Dataset):
                 start = int(math.floor((n - 1 - (frames - 1) * step) / 2))
             pos = clip_positions(start, frames, step)
             idx = np.clip(np.floor(pos), 0, n - 1).astype(np.int64)
-            clip = src.read(idx, min_short_side=self.short_side[1] if self.mode == "train" else crop)
+            plan = None
+            if self.mode == "train":  # spatial draws before decoding: decode no larger than they need
+                short_range = T.multigrid_short_side_range(self.short_side, crop, self.crop)
+                plan = T.draw_train_crop(src.height, src.width, crop, short_range, generator,
+                                         self.inverse_uniform, self.random_flip)
+            clip = src.read(idx, min_short_side=plan.short_side if plan else crop)
         target = self._target(index, pos, idx, n, src.fps)
-        if self.mode != "train":
+        if plan is None:
             return T.to_cthw(T.scale_uniform_crop(clip, crop, 1)), target
-        min_size = int(round(self.short_side[0] * crop / self.crop))
-        clip = T.random_scale_crop(clip, crop, min_size, max(self.short_side[1], min_size), generator,
-                                   self.inverse_uniform)
-        clip = T.random_horizontal_flip(clip, generator) if self.random_flip else clip
-        return T.to_cthw(clip), target
+        return T.apply_train_crop(clip, plan, crop), target
 
     def _target(self, index, pos, idx, n, fps):
         """span_targets over the frames read (target='clip') or per-frame targets with PADDING (target='frames')."""
@@ -804,6 +828,60 @@ def collate_test(batch):
     indices = torch.tensor([s[2] for s in good], dtype=torch.int64)
     out = (views, labels, indices, failed)
     return out + ([s[3] for s in good],) if batch and len(batch[0]) == 4 else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets from a training script's settings (train_x3d_charades.py, train_x3d_charades_loc.py)
+# ----------------------------------------------------------------------------------------------
+
+def _dataset_of(cfg, annotations_flag: str, mode: str, target: str, log) -> CharadesDataset:
+    """One CharadesDataset of the settings; a missing path is a ValueError naming its flag."""
+    annotations = getattr(cfg, annotations_flag.replace("-", "_"))
+    for flag, path in (("frames-root", cfg.frames_root), ("class-list", cfg.class_list),
+                       (annotations_flag, annotations)):
+        if path and not os.path.exists(path):
+            raise ValueError(f"Charades --{flag} {path!r} does not exist: set --{flag} (or the "
+                             "constant at the top of the script), or run --demo")
+    return CharadesDataset(
+        cfg.frames_root, annotations, mode, classes=cfg.class_list or None, frames=cfg.frames,
+        rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
+        temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views, fps=cfg.fps,
+        target=target, inverse_uniform=cfg.inverse_uniform, seed=cfg.seed,
+        random_flip=cfg.random_flip, log=log)
+
+
+# The path settings of the Charades scripts in the order of their flags: all of them for training,
+# the test-data ones for --eval-only (checked before anything is read, see trainer.check_paths).
+DATA_SETTINGS = ("frames_root", "train_annotations", "test_annotations", "class_list")
+TEST_DATA = ("frames_root", "test_annotations", "class_list")
+
+
+def build_datasets(cfg, log, test_only: bool = False, target: str = "clip") -> tuple:
+    """(train, val, test) of a training script's settings; val (centre clips) and test (all views) read the test CSV.
+
+    target: 'clip' (classification) or 'frames' (localization). Bad paths or files: ValueError.
+    """
+    test = _dataset_of(cfg, "test-annotations", "test", target, log)
+    if test_only:
+        return None, None, test
+    train = _dataset_of(cfg, "train-annotations", "train", target, log)
+    val = _dataset_of(cfg, "test-annotations", "val", target, log)
+    if train.num_classes != test.num_classes:
+        raise ValueError(f"{cfg.train_annotations} and {cfg.test_annotations} disagree on the class "
+                         f"count ({train.num_classes} vs {test.num_classes})")
+    return train, val, test
+
+
+def use_demo_dataset(cfg, root: str, **dataset) -> None:
+    """--demo: write the synthetic Charades-format dataset under root; point the settings' paths at it.
+
+    dataset: options of synthetic_data.make_charades (classes, difficulty, ...).
+    """
+    import synthetic_data
+    paths = synthetic_data.make_charades(root, overwrite=True, workers=os.cpu_count() or 1, progress=True,
+                                         **dataset)
+    cfg.frames_root, cfg.class_list = paths["frames_root"], paths["classes"]
+    cfg.train_annotations, cfg.test_annotations = paths["train_csv"], paths["test_csv"]
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@ split[,is_cc]`, the test CSV without `label`), `path label` lists (PySlowFast, m
 mmaction2's rawframe `path num_frames label`), and x3d-multigrid's JSON `{id: {"subset",
 "annotations": {"label", "segment"}}}` with its labels file passed as `class_list`.
 Videos are found by file stem anywhere one or two levels under `root`, so label folders with spaces
-or underscores, mp4/webm/mkv/avi files and JPEG frame folders of the same stem all work.
+or underscores, mp4/webm/mkv/avi files, frame store files (`.frames`, `frame_store`) and JPEG frame
+folders of the same stem all work.
 Every clip leaves a worker as uint8 (C, T, H, W); `transforms.normalize` runs on the training device.
 """
 import csv
@@ -21,7 +22,7 @@ import torch.utils.data
 
 import transforms as T
 import video_io
-from video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoDecodeError, open_video
+from video_io import IMAGE_EXTENSIONS, READABLE_EXTENSIONS, VideoDecodeError, open_video
 
 from multigrid import ClipRequest, check_request  # noqa: F401 - ClipRequest: the request type; any object with its five fields works
 
@@ -68,6 +69,8 @@ def read_kinetics_csv(path):
         label = row[column["label"]].strip() if "label" in column else None
         out.append(Annotation(f"{label}/{stem}.mp4" if label else f"{stem}.mp4", (stem,), label or None,
                               f"{path}:{line}"))
+    if not out:
+        raise ValueError(f"{path}: only a header, no videos listed")
     return out
 
 
@@ -168,16 +171,18 @@ def _class_key(name):
     return name.replace("_", " ").strip()
 
 
-def assign_labels(annotations, classes=None, class_file=None):
+def assign_labels(annotations, classes=None, class_file=None, source=None):
     """(classes, label indices) for annotations: names map through `classes` (else alphabetical order of
-    the names), integer labels are indices; unlabelled entries get -1. Unknown labels raise ValueError."""
+    the names), integer labels are indices; unlabelled entries get -1. Unknown labels raise ValueError
+    naming the file and line, and `source` (where `classes` came from; default: the class list file)."""
+    source = source or (f"class list {class_file}" if class_file else "the class list")
     given = [a.label for a in annotations if a.label is not None]
     if given and all(isinstance(label, int) for label in given):
         classes = classes or [str(i) for i in range(max(given) + 1)]
         for a in annotations:
             if a.label is not None and not 0 <= a.label < len(classes):
                 raise ValueError(f"{a.where}: label {a.label} outside 0..{len(classes) - 1} "
-                                 f"({len(classes)} classes{' in ' + class_file if class_file else ''})")
+                                 f"({len(classes)} classes of {source})")
         return classes, [-1 if a.label is None else a.label for a in annotations]
     names = [str(label) for label in given]
     classes = classes or sorted(set(names))
@@ -189,7 +194,6 @@ def assign_labels(annotations, classes=None, class_file=None):
             continue
         key = _class_key(str(a.label))
         if key not in index:
-            source = f"class list {class_file}" if class_file else "the class list"
             raise ValueError(f"{a.where}: label {a.label!r} is not in {source} ({len(classes)} classes); "
                              "fix the annotation or add the class")
         labels.append(index[key])
@@ -197,7 +201,7 @@ def assign_labels(annotations, classes=None, class_file=None):
 
 
 def scan_root(root):
-    """{stem: [paths]} of every video file and frame folder one or two levels under `root`."""
+    """{stem: [paths]} of every video file, frame store file and frame folder one or two levels under `root`."""
     found = {}
 
     def add(stem, path):
@@ -206,7 +210,7 @@ def scan_root(root):
 
     for entry in os.scandir(root):
         name, ext = os.path.splitext(entry.name)
-        if entry.is_file() and ext.lower() in VIDEO_EXTENSIONS:
+        if entry.is_file() and ext.lower() in READABLE_EXTENSIONS:
             add(name, entry.path)
         elif entry.is_dir():
             try:
@@ -218,7 +222,7 @@ def scan_root(root):
                 continue
             for child in children:
                 stem, ext = os.path.splitext(child.name)
-                if child.is_file() and ext.lower() in VIDEO_EXTENSIONS:
+                if child.is_file() and ext.lower() in READABLE_EXTENSIONS:
                     add(stem, child.path)
                 elif child.is_dir():
                     add(child.name, child.path)  # a frame folder inside a label folder
@@ -260,12 +264,15 @@ class KineticsDataset(torch.utils.data.Dataset):
     clips at random like training), so the per-epoch validation number does not jitter.
     """
 
-    def __init__(self, root, annotations, mode="train", *, class_list=None, frames=16, rate=5, crop=224,
+    def __init__(self, root, annotations, mode="train", *, class_list=None, classes=None, classes_from=None,
+                 frames=16, rate=5, crop=224,
                  short_side=(256, 320), inverse_uniform=False, test_crop=None, temporal_views=10,
                  spatial_views=3, target_fps=30, max_retries=10, seed=0, frame_fps=30.0, random_flip=True,
                  log=print):
         """Read the annotations, find every video under `root`, log and keep the index report.
 
+        `classes` (names in label order, e.g. the training set's or a checkpoint's) maps labels by
+        name and wins over `class_list`; `classes_from` says where they came from, for errors.
         `frame_fps` is the rate JPEG frame folders were extracted at (files carry no rate).
         `random_flip=False` turns off the training flip, for classes that a mirror image swaps
         (the synthetic dataset's moving left / right, rotating clockwise / counterclockwise).
@@ -289,8 +296,9 @@ class KineticsDataset(torch.utils.data.Dataset):
         self._rng, self._rng_owner = None, None
 
         entries = read_annotations(annotations, mode)
-        names = read_class_list(class_list) if class_list else None
-        self.classes, labels = assign_labels(entries, names, class_list)
+        names = list(classes) if classes else read_class_list(class_list) if class_list else None
+        self.classes, labels = assign_labels(entries, names, class_list,
+                                             classes_from if classes else None)
         found = None  # the folder scan runs only if some listed path does not exist as written
         paths, kept, missing = [], [], []
         for entry, label in zip(entries, labels):
@@ -367,17 +375,39 @@ class KineticsDataset(torch.utils.data.Dataset):
             self.max_retries, self.log, f"kinetics {self.mode}")
         return clip, self.label(index), index, failures
 
-    def read_frames(self, index, frames, crop, max_rate, generator):
-        """The decode step of one clip alone: uint8 (frames, H, W, 3) source frames of video `index`
-        (train: random rate and window; val: centre window), before any spatial transform."""
+    def _decode(self, index, frames, crop, max_rate, generator):
+        """(uint8 (frames, H, W, 3) source frames, TrainCrop or None) of video `index`. Training draws
+        everything from the source's header before decoding, in PySlowFast's order (rate, window,
+        short side, crop offsets, flip), so the frames are decoded only as large as the drawn short
+        side needs (store levels, libjpeg / swscale 1/2, 1/4, 1/8) and never smaller."""
         with open_video(self.path(index), self.frame_fps) as video:
             if self.mode == "train":
-                # PySlowFast: rate from [rate, max_rate] (random.randint), then a random window
-                rate = int(torch.randint(self.rate, max_rate + 1, (), generator=generator).item())
-                indices = T.random_window(video.num_frames, frames, rate, video.fps, self.target_fps, generator)
-                return video.read(indices, min_short_side=self.short_side[1])
+                indices, plan = self._draw(video, frames, crop, max_rate, generator)
+                return video.read(indices, min_short_side=plan.short_side), plan
             indices = T.center_window(video.num_frames, frames, self.rate, video.fps, self.target_fps)
-            return video.read(indices, min_short_side=crop)
+            return video.read(indices, min_short_side=crop), None
+
+    def _draw(self, video, frames, crop, max_rate, generator):
+        """(frame indices, TrainCrop) of a training clip of the open `video`: rate from [rate, max_rate]
+        (random.randint, PySlowFast), a random window, then the spatial draws on the source's size."""
+        rate = int(torch.randint(self.rate, max_rate + 1, (), generator=generator).item())
+        indices = T.random_window(video.num_frames, frames, rate, video.fps, self.target_fps, generator)
+        short_range = T.multigrid_short_side_range(self.short_side, crop, self.crop)
+        return indices, T.draw_train_crop(video.height, video.width, crop, short_range, generator,
+                                          self.inverse_uniform, self.random_flip)
+
+    def plan(self, request):
+        """(frame indices, TrainCrop) that a training ClipRequest draws, without decoding a frame:
+        the same for a video and for its frame store or frame folder when they share size and rate."""
+        index, frames, crop, max_rate, seed = _request_fields(request)
+        with open_video(self.path(index), self.frame_fps) as video:
+            return self._draw(video, frames, crop, max_rate, torch.Generator().manual_seed(seed))
+
+    def read_frames(self, index, frames, crop, max_rate, generator):
+        """The decode step of one clip alone: uint8 (frames, H, W, 3) source frames of video `index`
+        (train: random rate and window, decoded at the scale the drawn short side allows; val: centre
+        window), before any spatial transform."""
+        return self._decode(index, frames, crop, max_rate, generator)[0]
 
     def read_test_frames(self, index):
         """The decode step of the test views alone: uint8 (temporal_views * frames, H, W, 3), window-major."""
@@ -388,14 +418,10 @@ class KineticsDataset(torch.utils.data.Dataset):
 
     def _clip(self, index, frames, crop, max_rate, generator):
         """uint8 (3, frames, crop, crop) from video `index` (train: random; val: centre)."""
-        clip = self.read_frames(index, frames, crop, max_rate, generator)
-        if self.mode != "train":
+        clip, plan = self._decode(index, frames, crop, max_rate, generator)
+        if plan is None:
             return T.to_cthw(T.scale_uniform_crop(clip, crop, 1))
-        # PySlowFast Multigrid: only the minimum short side scales with crop / default crop
-        min_size = int(round(self.short_side[0] * crop / self.crop))
-        clip = T.random_scale_crop(clip, crop, min_size, max(self.short_side[1], min_size), generator,
-                                   self.inverse_uniform)
-        return T.to_cthw(T.random_horizontal_flip(clip, generator) if self.random_flip else clip)
+        return T.apply_train_crop(clip, plan, crop)
 
     def _test_views(self, index):
         """uint8 (temporal_views * spatial_views, 3, frames, test_crop, test_crop), temporal-major."""

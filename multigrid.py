@@ -13,6 +13,7 @@ import argparse
 import math
 import numbers
 import sys
+import textwrap
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -189,11 +190,16 @@ class MultigridPlan:
     - No long cycle with steps_with_relative_lrs: relative LR of step i is gamma**i (the
       stepwise config's LRS [1, 0.1, 0.01, 0.001]); one phase per LR step. Cosine without the
       long cycle ignores steps (as PySlowFast does) and has one phase.
-    - Cosine with the long cycle (PySlowFast raises IndexError): supported. `steps` then only
-      places the long cycles: phases are exactly those of `long_cycle_schedule(steps, ...)`, and
-      the LR is batch_factor x the cosine over the rescaled max_epoch, the same linear scaling
-      that steps_with_relative_lrs applies per phase. Cosine is PySlowFast's: end_lr + (base_lr -
-      end_lr) * (cos(pi * epoch / max_epoch) + 1) / 2, no offset for warm-up.
+    - Cosine with the long cycle: `steps` place the long cycles; phases are exactly those of
+      `long_cycle_schedule(steps, ...)` and the cosine runs over the rescaled max_epoch.
+      Cosine is PySlowFast's: end_lr + (base_lr - end_lr) * (cos(pi * epoch / max_epoch) + 1) / 2,
+      no offset for warm-up. By default (cosine_batch_factor=True) the LR is the phase's batch
+      factor x that cosine: the linear scaling rule, as steps_with_relative_lrs applies per phase
+      and x3d-multigrid does. PySlowFast (which raises IndexError only when its SOLVER.STEPS is
+      empty, its default) uses BASE_LR x cosine without the batch factor;
+      cosine_batch_factor=False gives exactly that. They differ in every epoch whose batch factor
+      is not 1, and in warm-up: in the X3D-M recipe (preset 'x3d-m') at epoch 0.25 PySlowFast's
+      LR is 0.010632 and the default's 0.015558, and 371 of its 450 epochs differ.
     - Warm-up (both policies, PySlowFast): for epoch < warmup_epochs the LR goes linearly from
       warmup_start_lr to the policy's LR at warmup_epochs. warmup_epochs is not rescaled by
       Multigrid (PySlowFast does not). warmup_start_lr=None means 0.1 x base_lr (the recipes'
@@ -213,7 +219,7 @@ class MultigridPlan:
                  warmup_start_lr: Optional[float] = None, epoch_factor: float = 1.5,
                  long_cycle_factors=DEFAULT_LONG_CYCLE_FACTORS,
                  short_cycle_factors=DEFAULT_SHORT_CYCLE_FACTORS, bn_base_size: int = 8,
-                 cosine_end_lr: float = 0.0):
+                 cosine_end_lr: float = 0.0, cosine_batch_factor: bool = True):
         frames, crop, rate, batch_per_gpu, max_epoch, bn_base_size = (
             _positive_int(name, value) for name, value in (
                 ("frames", frames), ("crop", crop), ("rate", rate),
@@ -224,6 +230,8 @@ class MultigridPlan:
         if not base_lr > 0 or not gamma > 0 or not epoch_factor > 0:
             raise ValueError(f"base_lr, gamma and epoch_factor must be > 0, got "
                              f"{base_lr}, {gamma}, {epoch_factor}")
+        if not isinstance(cosine_batch_factor, bool):
+            raise ValueError(f"cosine_batch_factor must be True or False, got {cosine_batch_factor!r}")
         if lr_policy == "cosine" and not cosine_end_lr < base_lr:
             raise ValueError(f"cosine_end_lr={cosine_end_lr} must be below base_lr={base_lr}")
         if len(short_cycle_factors) != 2:
@@ -236,6 +244,7 @@ class MultigridPlan:
         self.batch_per_gpu, self.base_lr, self.lr_policy = batch_per_gpu, base_lr, lr_policy
         self.long_cycle, self.short_cycle, self.gamma = long_cycle, short_cycle, gamma
         self.bn_base_size, self.cosine_end_lr = bn_base_size, cosine_end_lr
+        self.cosine_batch_factor = cosine_batch_factor
         self.short_cycle_factors = tuple(short_cycle_factors)
         self.input_max_epoch = max_epoch
         self.schedule = None
@@ -333,6 +342,8 @@ class MultigridPlan:
         if self.lr_policy == "cosine":
             cosine = self.cosine_end_lr + (self.base_lr - self.cosine_end_lr) * (
                 math.cos(math.pi * epoch / self.max_epoch) + 1.0) * 0.5
+            if not self.cosine_batch_factor:
+                return cosine
             return self.phase(int(epoch)).batch_factor * cosine
         steps = self.steps + [self.max_epoch]
         for index, step in enumerate(steps):
@@ -351,8 +362,47 @@ class MultigridPlan:
             lr = epoch * alpha + self.warmup_start_lr
         return lr
 
+    @property
+    def trained_phases(self) -> list:
+        """Phases with at least one epoch. Phases keep their index; see `zero_epoch_note`."""
+        return [p for p in self.phases if p.end_epoch > p.start_epoch]
+
+    def zero_epoch_note(self) -> str:
+        """One line naming the phases of zero epochs, which never train; empty when there are none.
+
+        With few epochs the rounding of the long-cycle ends (PySlowFast's int(round(...)) of the
+        running sum) gives two phases the same end, e.g. the demo's 20 -> 30 epoch plan has phases
+        6 (29-29) and 8 (30-30); PySlowFast has them too and, like this repo, never trains them
+        (an epoch goes to the first phase ending after it). Tables and plots leave them out; the
+        other phases keep their numbers, the ones logs and metrics use.
+        """
+        empty = [p for p in self.phases if p.end_epoch <= p.start_epoch]
+        if not empty:
+            return ""
+        names = ", ".join(f"{p.index} ({p.start_epoch}-{p.end_epoch})" for p in empty)
+        return (f"zero-epoch phases {names} never train (PySlowFast's rounding of the phase ends "
+                f"gives them too) and are left out")
+
+    @property
+    def mode(self) -> str:
+        """Which cycles are on: 'long+short cycle', 'long cycle', 'short cycle' or 'constant shape'."""
+        return ("long+short cycle" if self.long_cycle and self.short_cycle else
+                "long cycle" if self.long_cycle else "short cycle" if self.short_cycle else
+                "constant shape")
+
+    @property
+    def lr_name(self) -> str:
+        """The LR policy as printed: says whether a long-cycle cosine carries the batch factor."""
+        if self.lr_policy == "cosine" and self.long_cycle:
+            return ("cosine x batch factor" if self.cosine_batch_factor else
+                    "cosine without batch factor (PySlowFast)")
+        return self.lr_policy
+
     def describe(self, world_size: int = 1, num_samples: Optional[int] = None) -> str:
-        """The schedule as a text table; with num_samples it adds iterations per epoch per GPU."""
+        """The schedule as a text table; with num_samples it adds iterations per epoch per GPU.
+
+        Phases of zero epochs are left out of the table and named in a line below it.
+        """
         head = ["phase", "step", "epochs", "batch/GPU", "global batch", "frames x rate", "crop",
                 "BN splits", "LR start -> end"]
         sampler = None
@@ -360,8 +410,8 @@ class MultigridPlan:
             head.append("iters/epoch")
             sampler = MultigridBatchSampler(num_samples, self, world_size=world_size)
         rows = [head]
-        for p in self.phases:
-            end_lr = self.lr_at(max(p.start_epoch, p.end_epoch - 1e-6))
+        for p in self.trained_phases:
+            end_lr = self.lr_at(p.end_epoch - 1e-6)
             row = [str(p.index), str(p.step_index), f"{p.start_epoch}-{p.end_epoch}",
                    "/".join(str(b) for b, _ in p.shapes),
                    "/".join(str(b * world_size) for b, _ in p.shapes),
@@ -374,14 +424,13 @@ class MultigridPlan:
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-        mode = ("long+short cycle" if self.long_cycle and self.short_cycle else
-                "long cycle" if self.long_cycle else "short cycle" if self.short_cycle else
-                "constant shape")
-        title = (f"Multigrid plan ({mode}): T={self.frames} S={self.crop} rate={self.rate} "
-                 f"batch/GPU={self.batch_per_gpu} x {world_size} GPU(s), {self.lr_policy}, "
+        title = (f"Multigrid plan ({self.mode}): T={self.frames} S={self.crop} rate={self.rate} "
+                 f"batch/GPU={self.batch_per_gpu} x {world_size} GPU(s), {self.lr_name}, "
                  f"base LR {self.base_lr:g}, warm-up {self.warmup_epochs:g} epochs from "
                  f"{self.warmup_start_lr:g}; max epoch {self.input_max_epoch} -> {self.max_epoch}")
-        return "\n".join([title] + lines[:1] + ["-" * len(lines[0])] + lines[1:])
+        note = self.zero_epoch_note()
+        return "\n".join([title] + lines[:1] + ["-" * len(lines[0])] + lines[1:]
+                         + ([f"({note})"] if note else []))
 
 
 class MultigridBatchSampler(Sampler[list[ClipRequest]]):
@@ -394,6 +443,14 @@ class MultigridBatchSampler(Sampler[list[ClipRequest]]):
     batch that the rest of the share cannot fill ends the epoch (PySlowFast's drop_last), so every
     rank runs the same number of iterations and `dropped_in_epoch` counts what is left out.
     len() is exact (PySlowFast's estimate floor(n / mean batch) can differ from what it yields).
+
+    Several processes: the num_samples % W samples that do not fill a round are dropped for the
+    epoch, where PySlowFast's DistributedSampler pads the permutation with repeats to a multiple
+    of W. With 2 processes, 1007 videos and the short cycle at 8 clips per GPU (batches 32 / 16 /
+    8), PySlowFast gives each rank 504 samples, 27 batches; this sampler 503, of which 26 batches
+    use 496 (7 more fall to drop_last). Dropping keeps every sample at most once per epoch and
+    makes a W-process run equal to one process with W times the batch (below); the permutation
+    changes every epoch, so no video is left out for long.
 
     DDP equivalence: iteration i of rank r covers global positions W*c + W*k + r (k < b), so the
     W ranks' batches of b together are exactly the batch of a 1-process run whose plan has
@@ -499,33 +556,37 @@ class MultigridBatchSampler(Sampler[list[ClipRequest]]):
             offset += batch
 
 
-def plot_schedule(plan: MultigridPlan, path: str, *, world_size: int = 1,
-                  num_samples: Optional[int] = None) -> None:
-    """Write a PNG of batch size, frames, crop and LR over epochs (plus iterations per epoch).
+def schedule_figure(plan: MultigridPlan, *, world_size: int = 1,
+                    num_samples: Optional[int] = None):
+    """A matplotlib Figure of batch size, frames, crop and LR over epochs (plus iterations/epoch).
 
     Batch is per GPU (global when world_size > 1); the shaded bands are the short cycle's range.
+    Phases of zero epochs are left out (the title says which); the legend sits above the panels,
+    clear of every curve, and every axis is labelled.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    phases = plan.trained_phases
     panels = 5 if num_samples is not None else 4
-    fig, axes = plt.subplots(panels, 1, figsize=(9, 2.0 * panels + 1), sharex=True)
-    edges = [p.start_epoch for p in plan.phases] + [plan.max_epoch]
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 2.2 * panels + 1.4), sharex=True)
+    edges = [p.start_epoch for p in phases] + [plan.max_epoch]
 
     def steps_of(values):
         """Per-phase values repeated so that a 'post' step plot spans every phase."""
         values = list(values)
         return values + values[-1:]
 
-    batch_label = f"global batch ({world_size} GPUs)" if world_size > 1 else "batch per GPU"
+    batch_label = (f"global batch\n({world_size} GPUs, clips)" if world_size > 1
+                   else "batch per GPU\n(clips)")
     series = [
-        (axes[0], batch_label, [p.per_gpu_batch * world_size for p in plan.phases],
-         [[b * world_size for b, _ in p.shapes] for p in plan.phases]),
-        (axes[1], "frames", [p.frames for p in plan.phases], None),
-        (axes[2], "crop", [p.crop for p in plan.phases], [[c for _, c in p.shapes]
-                                                          for p in plan.phases]),
+        (axes[0], batch_label, [p.per_gpu_batch * world_size for p in phases],
+         [[b * world_size for b, _ in p.shapes] for p in phases]),
+        (axes[1], "frames per clip", [p.frames for p in phases], None),
+        (axes[2], "crop (pixels)", [p.crop for p in phases], [[c for _, c in p.shapes]
+                                                              for p in phases]),
     ]
     for ax, label, values, cycles in series:
         ax.step(edges, steps_of(values), where="post", color="C0", lw=2, label="long cycle")
@@ -535,26 +596,38 @@ def plot_schedule(plan: MultigridPlan, path: str, *, world_size: int = 1,
                             alpha=0.3, label="short-cycle range")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
-    axes[0].legend(loc="upper right", fontsize=8)
-    grid = [plan.max_epoch * i / 2000 for i in range(2001)]
-    axes[3].plot(grid, [plan.lr_at(e) for e in grid], color="C2")
+    # The last epoch ends just before max_epoch: lr_at(max_epoch) would be an LR never used.
+    grid = [min(plan.max_epoch * i / 2000, plan.max_epoch - 1e-6) for i in range(2001)]
+    axes[3].plot(grid, [plan.lr_at(e) for e in grid], color="C2", label="learning rate")
     axes[3].set_yscale("log" if plan.lr_policy == "steps_with_relative_lrs" else "linear")
     axes[3].set_ylabel("learning rate")
     if num_samples is not None:
         sampler = MultigridBatchSampler(num_samples, plan, world_size=world_size)
-        axes[4].step(edges, steps_of(sampler.iterations_in_epoch(p.start_epoch)
-                                     for p in plan.phases), where="post", color="C3")
+        axes[4].step(edges, steps_of(sampler.iterations_in_epoch(p.start_epoch) for p in phases),
+                     where="post", color="C3", label="iterations per epoch")
         axes[4].set_ylabel(f"iterations/epoch\n({num_samples} clips)")
     for ax in axes:
         for edge in edges[1:-1]:
             ax.axvline(edge, color="grey", lw=0.5, ls="--")
         ax.grid(axis="y", alpha=0.3)
-    axes[-1].set_xlabel("epoch")
-    mode = "+".join(n for n, on in (("long cycle", plan.long_cycle),
-                                    ("short cycle", plan.short_cycle)) if on) or "constant shape"
-    axes[0].set_title(f"Multigrid ({mode}): T={plan.frames}, S={plan.crop}, "
-                      f"{plan.lr_policy}, {plan.input_max_epoch} -> {plan.max_epoch} epochs")
-    fig.tight_layout()
+        ax.tick_params(labelbottom=True)
+        ax.set_xlabel("epoch", labelpad=1)
+    title = (f"Multigrid ({plan.mode}): T={plan.frames}, S={plan.crop}, {plan.lr_name}, "
+             f"{plan.input_max_epoch} -> {plan.max_epoch} epochs")
+    note = plan.zero_epoch_note()
+    fig.suptitle("\n".join([title] + textwrap.wrap(note, 95)), fontsize=10 if note else 12)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=9,
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1), h_pad=0.6)
+    return fig
+
+
+def plot_schedule(plan: MultigridPlan, path: str, *, world_size: int = 1,
+                  num_samples: Optional[int] = None) -> None:
+    """Write `schedule_figure`'s PNG to path."""
+    import matplotlib.pyplot as plt
+    fig = schedule_figure(plan, world_size=world_size, num_samples=num_samples)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -578,8 +651,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description="Print a Multigrid schedule table (and plot it). Unset options come from "
                     "--preset: 'slowfast-stepwise' is PySlowFast's stepwise multigrid config "
-                    "(the worked example in REFERENCE.md), 'x3d-m' the X3D-M recipe (cosine; its "
-                    "long cycles placed at the stepwise steps scaled to 300 epochs).")
+                    "(steps 0 94 154 196 over 239 epochs, which its long cycle turns into 13 "
+                    "phases over 358 epochs), 'x3d-m' the X3D-M recipe (cosine; its long cycles "
+                    "placed at the stepwise steps scaled to 300 epochs).")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="slowfast-stepwise")
     parser.add_argument("--frames", type=int, help="default clip length T")
     parser.add_argument("--crop", type=int, help="default train crop S")
@@ -590,6 +664,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", help="LR steps / long-cycle placement")
     parser.add_argument("--base-lr", type=float, help="LR at the base batch")
     parser.add_argument("--lr-policy", choices=LR_POLICIES)
+    parser.add_argument("--cosine-batch-factor", action=argparse.BooleanOptionalAction,
+                        default=True, help="cosine with the long cycle: multiply the LR by the "
+                        "phase's batch factor (default); --no-cosine-batch-factor gives "
+                        "PySlowFast's LR, BASE_LR x cosine")
     parser.add_argument("--warmup-epochs", type=float)
     parser.add_argument("--warmup-start-lr", type=float)
     parser.add_argument("--gamma", type=float, default=0.1)
@@ -611,7 +689,8 @@ def main(argv=None) -> None:
             config.pop("batch_per_gpu"), config.pop("max_epoch"), config.pop("steps"),
             config.pop("base_lr"), long_cycle=not args.no_long_cycle,
             short_cycle=not args.no_short_cycle, gamma=args.gamma, epoch_factor=args.epoch_factor,
-            bn_base_size=args.bn_base_size, **config)
+            bn_base_size=args.bn_base_size, cosine_batch_factor=args.cosine_batch_factor,
+            **config)
         print(plan.describe(world_size=gpus, num_samples=args.num_samples))
     except ValueError as error:
         sys.exit(f"error: {error}")

@@ -2,19 +2,25 @@
 
     python prepare_videos.py ROOT [--reencode NEW_ROOT --short-side 256] [--workers 8] [--drop-bad]
 
-1. Annotations from `ROOT/<label>/<file>`: when every file stem parses as the official
+1. Annotations from `ROOT/<label>/<file>` (video files) and `ROOT/<label>/<video>/` (JPEG frame
+   folders): when every stem parses as the official
    `<youtube_id>_<start:06d>_<end:06d>`, an official-style Kinetics CSV
    (`label,youtube_id,time_start,time_end,split`), else a `path label_index` list; plus `classes.txt`
    (alphabetical, one name a line; the label is the folder name as written). Both load with
    `kinetics_multigrid.KineticsDataset(root, annotations, class_list=classes.txt)`.
-2. Decode check (PyAV): open, read the stream header, decode frames at the start, middle and end
-   (strict: a stream that ends before its stated frame count fails). Bad files are printed with
-   the reason and written to `bad_videos.txt`; the exit code is 1 unless `--drop-bad` leaves them
-   out of the annotations.
-3. `--reencode NEW_ROOT`: H.264 (libx264, yuv420p, crf 23, preset veryfast, tune fastdecode),
+2. Decode check: a video file is opened and frames at the start, middle and end are read as the
+   loader reads them (`video_io.VideoFile`: judged by time stamps, so a valid variable-rate video
+   passes, and a file whose data stops before the duration its header states fails); a frame
+   folder's numbering must have no gap and every frame must decode at one size. Bad files are
+   printed with the reason and written to `bad_videos.txt`; the exit code is 1 unless `--drop-bad`
+   leaves them out of the annotations.
+3. `--reencode NEW_ROOT` (video files; frame folders are left as they are): H.264 (libx264,
+   yuv420p, crf 23, preset veryfast, tune fastdecode),
    short side scaled down to `--short-side` (never up; even sizes), one keyframe every
-   `--keyframe-interval` frames (scene-cut keyframes off), same fps (timestamps rewritten as
-   frame / fps), no audio, same `<label>/<stem>.mp4` layout, annotations written to
+   `--keyframe-interval` frames (scene-cut keyframes off), same average fps (frame i is the frame
+   the loader reads as index i of the source, at time i / fps: a variable-rate source keeps its
+   timing), stored upright (rotation metadata applied to the pixels), no audio, same
+   `<label>/<stem>.mp4` layout, annotations written to
    `NEW_ROOT/annotations`. Parallel over `--workers` processes with a tqdm bar; resumable: an output
    that exists and decodes is kept, new outputs go to a hidden temporary name and are renamed when
    complete. `--tune fastdecode` (the default) turns off CABAC (CAVLC entropy coding) and the
@@ -32,8 +38,22 @@ frames (29.69 vs 29.74 dB).
 A training window decodes from the keyframe at most 29 frames before it instead of from frame 0.
 Multi-view test loading gains little (1.13-1.31x): ten windows spread over the video decode every
 frame anyway. Sources larger than 256 also shrink.
+
+4. `--frame-store NEW_ROOT [--short-side 256 --quality 92 --small-side 0 --frame-fps 30]`: one
+   `frame_store` file per video (`<label>/<stem>.frames`, or `<id>.frames` for a flat
+   `<root>/<id>` tree such as Charades_v1_rgb): every frame as a JPEG at the short side, readable
+   one by one. Sources: video files and JPEG frame folders, in label folders or flat (frame
+   folders carry no rate: `--frame-fps`, 24 for Charades). Parallel with a tqdm bar; each file is
+   written to a hidden temporary name, verified (checksums, sizes) and renamed, so a killed run
+   resumes: verified files with the same settings are kept, partial ones removed. Unreadable
+   sources are named on stderr and in `NEW_ROOT/bad_videos.txt`; for label folders the annotation
+   lists go to `<root>/annotations` and `NEW_ROOT/annotations` as with `--reencode`. The decode
+   check is the conversion itself (every frame is decoded). Measured (bench/bench_store.py,
+   2026-12-03, 340x256 10 s videos, one process, machine shared): 354-421 CPU-s per 1,000 videos
+   (re-encode: 792-829), 1.09x the disk of JPEG frame folders of the same frames.
 """
 import argparse
+import math
 import multiprocessing
 import os
 import re
@@ -41,8 +61,11 @@ import sys
 from typing import NamedTuple
 
 import av
+import numpy as np
 
-from video_io import VIDEO_EXTENSIONS
+import frame_store
+from video_io import (IMAGE_EXTENSIONS, STORE_EXTENSION, VIDEO_EXTENSIONS, VideoDecodeError, VideoFile,
+                      list_frame_files, orient, read_image_frames)
 
 KINETICS_STEM = re.compile(r"^(?P<youtube_id>.+)_(?P<start>\d{6})_(?P<end>\d{6})$")
 PARTIAL_TAG = ".partial-"
@@ -68,8 +91,17 @@ def _is_video_name(name):
     return not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS)
 
 
+def _is_frame_folder(path):
+    """True for a folder that holds frame images."""
+    try:
+        return os.path.isdir(path) and any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(path))
+    except OSError:
+        return False
+
+
 def scan_tree(root, skip=()):
-    """(entries, ignored) of `<root>/<label>/<file>`: video entries sorted by path, and the other
+    """(entries, ignored) of `<root>/<label>/<file>` and `<root>/<label>/<video>/<frames>`: video
+    file and frame folder entries sorted by path, and the other
     files found (relative paths). Folders named in `skip` (e.g. the annotation folder) are left out.
     Raises FileNotFoundError for a missing root, PermissionError naming an unreadable folder and
     ValueError for a tree without videos."""
@@ -89,14 +121,15 @@ def scan_tree(root, skip=()):
         except OSError as error:
             raise PermissionError(f"cannot list label folder {folder}: {error.strerror}") from None
         for name in names:
-            relative = f"{label}/{name}"
-            if _is_video_name(name) and os.path.isfile(os.path.join(folder, name)):
+            relative, path = f"{label}/{name}", os.path.join(folder, name)
+            if (_is_video_name(name) and os.path.isfile(path)) or (not name.startswith(".") and _is_frame_folder(path)):
                 entries.append(VideoEntry(relative, label))
             elif not name.startswith("."):
                 ignored.append(relative)
     if not entries:
-        raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) found under {root}; expected the "
-                         f"layout {os.path.join(root, '<label>', '<file>.mp4')}")
+        raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) or frame folder found under {root}; "
+                         f"expected the layout {os.path.join(root, '<label>', '<file>.mp4')} or "
+                         f"{os.path.join(root, '<label>', '<video>', '<frame>.jpg')}")
     return entries, ignored
 
 
@@ -135,76 +168,48 @@ def write_annotations(entries, out_dir, split="train"):
     return {"classes": class_path, "annotations": path, "format": kind}
 
 
-def _open_video(path):
-    """(container, stream, fps, num_frames) of a video file; raises ValueError with the reason."""
+def check_video(path, probes=3):
+    """None when `path` decodes, else the reason: header read, then `probes` frames spread from the
+    first to the stated last one are read as the loader reads them (`video_io.VideoFile`: after a
+    seek, judged by time stamps, so a variable-rate video whose last frames run longer than the
+    average passes and a file whose data stops before its stated duration fails)."""
     if not os.access(path, os.R_OK):
-        raise ValueError("file is not readable (permissions)" if os.path.exists(path) else "no such file")
-    container = av.open(path)
+        return "file is not readable (permissions)" if os.path.exists(path) else "no such file"
     try:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate or stream.codec_context.width <= 0 or stream.codec_context.height <= 0:
-            raise ValueError("video stream has no frame rate or size")
-        num_frames = stream.frames
-        if not num_frames:  # webm / mkv store no count: count the packets
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
-            container.seek(0, stream=stream)
-        if num_frames <= 0:
-            raise ValueError("video stream has no frames")
-        return container, stream, float(rate), num_frames
-    except BaseException:
-        container.close()
-        raise
-
-
-def _decode_until(container, stream, fps, target):
-    """Index of the first frame at or after `target`, decoding from the keyframe before it; None when
-    the stream ends first."""
-    start = stream.start_time or 0
-    for seek in (True, False):
-        pts = start + int(target / fps / stream.time_base) if seek else start
-        container.seek(pts, stream=stream, backward=True, any_frame=False)
-        index, first = -1, True
-        for frame in container.decode(stream):
-            index = index + 1 if frame.pts is None else int(round((frame.pts - start) * stream.time_base * fps))
-            if first and seek and (index > target or frame.pts is None):
-                break  # the seek landed late or frames carry no time: decode from the start instead
-            first = False
-            if index >= target:
-                return index
-        else:
-            return None
+        video = VideoFile(path)
+    except VideoDecodeError as error:
+        return error.reason
+    with video:
+        last = video.num_frames - 1
+        for target in sorted({round(last * k / max(probes - 1, 1)) for k in range(probes)}):
+            try:
+                video.read([target])
+            except VideoDecodeError as error:
+                return f"frame {target} of the {video.num_frames} it states: {error.reason}"
+        if video.stated_duration:
+            try:  # a read past the stated end runs through the last packets: they must reach that end
+                video.read([max(last, math.ceil(video.stated_duration * video.fps))])
+            except VideoDecodeError as error:
+                return error.reason
     return None
 
 
-def check_video(path, probes=3):
-    """None when `path` decodes, else the reason: header read, then `probes` frames spread from the
-    first to the stated last one are decoded (after a seek)."""
+def check_frame_folder(path):
+    """None when the JPEG frame folder `path` is sound, else the reason: listed (a gap in the
+    numbering fails, see `video_io.numbering_gap`) and every frame decoded (shrunk in the decoder)
+    at one size."""
     try:
-        container, stream, fps, num_frames = _open_video(path)
-    except av.error.FFmpegError as error:
-        return f"not a readable video ({error.strerror})"
-    except (OSError, ValueError) as error:
-        return str(error) or type(error).__name__
-    last = num_frames - 1
-    targets = sorted({round(last * k / max(probes - 1, 1)) for k in range(probes)})
-    try:
-        for target in targets:
-            if _decode_until(container, stream, fps, target) is None:
-                return f"stream ends before frame {target} of the {num_frames} it states (truncated?)"
-        return None
-    except (av.error.FFmpegError, OSError, ValueError) as error:
-        return (f"decoding failed on the way to frame {target} of the {num_frames} it states "
-                f"({getattr(error, 'strerror', None) or error})")
-    finally:
-        container.close()
+        files = list_frame_files(path)
+        read_image_frames(files, min_short_side=1)
+    except VideoDecodeError as error:
+        where = os.path.relpath(error.path, path)
+        return error.reason if where == "." else f"{where}: {error.reason}"
+    return None
 
 
 def _check_job(path):
-    """Worker entry for `check_videos`."""
-    return path, check_video(path)
+    """Worker entry for `check_videos`: a frame folder or a video file."""
+    return path, check_frame_folder(path) if os.path.isdir(path) else check_video(path)
 
 
 def _parallel(function, items, workers, progress, description):
@@ -223,7 +228,8 @@ def _parallel(function, items, workers, progress, description):
 
 
 def check_videos(paths, workers=1, progress=False):
-    """{path: reason} of every path in `paths` that fails `check_video` (empty when all decode)."""
+    """{path: reason} of every path in `paths` that fails `check_video` (frame folders:
+    `check_frame_folder`); empty when all decode."""
     results = _parallel(_check_job, paths, workers, progress, "checking")
     return {path: reason for path, reason in results if reason is not None}
 
@@ -257,24 +263,27 @@ def add_h264_stream(container, rate, width, height, keyframe_interval, crf=23, p
 
 def reencode_video(src, dst, short_side=256, keyframe_interval=30, crf=23, preset="veryfast", tune="fastdecode"):
     """Re-encode `src` to an H.264 mp4 `dst` (see the module docstring); return "kept" when `dst`
-    already holds a decodable output of the right size, else "encoded"."""
-    with av.open(src) as source:
-        stream = source.streams.video[0]
-        stream.thread_type = "NONE"  # one process per core: the pool gives the parallelism
-        size = (stream.codec_context.width, stream.codec_context.height)
-        if _is_prepared(dst, short_side, size):
+    already holds a decodable output of the right size, else "encoded".
+
+    Output frame i is the frame the loader reads as index i of `src` (`VideoFile.frames_in_order`),
+    so a variable-rate source keeps its timing at a constant rate, and it is stored upright: a
+    source with rotation metadata is turned (losslessly, plane by plane) and the output has none.
+    """
+    with VideoFile(src, single_thread=True) as video:  # one process per core: the pool gives the parallelism
+        if _is_prepared(dst, short_side, (video.width, video.height)):
             return "kept"
-        width, height = scaled_even_size(*size, short_side)
-        rate = stream.average_rate or stream.guessed_rate
+        width, height = scaled_even_size(video.width, video.height, short_side)
+        turn = video.orientation
+        coded = (height, width) if turn is not None and turn[0] else (width, height)
         os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
         head, tail = os.path.split(dst)
         tmp = os.path.join(head, f".{tail}{PARTIAL_TAG}{os.getpid()}.mp4")
         try:
             with av.open(tmp, "w", format="mp4") as out:
-                encoder = add_h264_stream(out, rate, width, height, keyframe_interval, crf, preset, tune)
-                for index, frame in enumerate(source.decode(stream)):
-                    frame = frame.reformat(width, height, "yuv420p", interpolation="AREA")
-                    frame.pts, frame.time_base = index, 1 / rate
+                encoder = add_h264_stream(out, video.rate, width, height, keyframe_interval, crf, preset, tune)
+                for index, frame in video.frames_in_order():
+                    frame = _upright(frame.reformat(*coded, "yuv420p", interpolation="AREA"), turn)
+                    frame.pts, frame.time_base = index, 1 / video.rate
                     out.mux(encoder.encode(frame))
                 out.mux(encoder.encode(None))
             os.replace(tmp, dst)
@@ -282,6 +291,21 @@ def reencode_video(src, dst, short_side=256, keyframe_interval=30, crf=23, prese
             if os.path.exists(tmp):
                 os.remove(tmp)
     return "encoded"
+
+
+def _upright(frame, orientation):
+    """A yuv420p frame (even size) turned as `orientation` says (`video_io.display_orientation`), each
+    plane moved as it is: no resampling."""
+    if orientation is None:
+        return frame
+    width, height = frame.width, frame.height
+    packed = frame.to_ndarray()  # (height * 3 / 2, width): Y, then U, then V, each plane's rows in a row
+    luma = packed[:height]
+    chroma = packed[height:].reshape(2, height // 2, width // 2)
+    planes = [orient(luma, orientation)] + [orient(plane, orientation) for plane in chroma]
+    turned_width = planes[0].shape[1]
+    flat = np.concatenate([plane.ravel() for plane in planes])
+    return av.VideoFrame.from_ndarray(flat.reshape(-1, turned_width), format="yuv420p")
 
 
 def _output_path(out_root, entry):
@@ -294,7 +318,7 @@ def _reencode_job(job):
     entry, src, dst, options = job
     try:
         return entry, reencode_video(src, dst, **options), None
-    except (av.error.FFmpegError, OSError, ValueError) as error:
+    except (av.error.FFmpegError, VideoDecodeError, OSError, ValueError) as error:
         return entry, None, str(error) or type(error).__name__
 
 
@@ -325,6 +349,115 @@ def reencode_tree(root, out_root, entries, short_side=256, keyframe_interval=30,
     return counts, failed
 
 
+def _holds_images(folder):
+    """True when `folder` directly holds frame images (a JPEG frame folder)."""
+    try:
+        with os.scandir(folder) as children:
+            return any(child.name.lower().endswith(IMAGE_EXTENSIONS) for child in children)
+    except OSError:
+        return False
+
+
+def scan_sources(root, skip=()):
+    """(entries, ignored) of every video file and JPEG frame folder under `root`, in either layout:
+    `<root>/<label>/<video file or frame folder>` (label = folder name) or flat `<root>/<id>` (a video
+    file or frame folder right under root, as Charades_v1_rgb; label ""). Sorted by path; folders in
+    `skip` and hidden names are left out. Raises like `scan_tree`."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"video root {root} does not exist or is not a folder")
+    entries, ignored = [], []
+    skip = {os.path.realpath(path) for path in skip}
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(".") or os.path.realpath(path) in skip:
+            continue
+        if _is_video_name(name) and os.path.isfile(path) or os.path.isdir(path) and _holds_images(path):
+            entries.append(VideoEntry(name, ""))
+        elif not os.path.isdir(path):
+            ignored.append(name)
+        else:
+            try:
+                names = sorted(os.listdir(path))
+            except OSError as error:
+                raise PermissionError(f"cannot list label folder {path}: {error.strerror}") from None
+            for child in names:
+                relative, full = f"{name}/{child}", os.path.join(path, child)
+                if _is_video_name(child) and os.path.isfile(full) or os.path.isdir(full) and _holds_images(full):
+                    entries.append(VideoEntry(relative, name))
+                elif not child.startswith("."):
+                    ignored.append(relative)
+    if not entries:
+        raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) or JPEG frame folder found under {root}; "
+                         f"expected {os.path.join(root, '<label>', '<file>.mp4')}, a frame folder in its place, "
+                         f"or flat {os.path.join(root, '<id>')} frame folders")
+    return entries, ignored
+
+
+def store_path(entry):
+    """Relative path of the store file of `entry`: its video extension (if any) replaced by `.frames`."""
+    stem, ext = os.path.splitext(entry.path)
+    return (stem if ext.lower() in VIDEO_EXTENSIONS else entry.path) + STORE_EXTENSION
+
+
+def _store_job(job):
+    """Worker entry for `store_tree`: (entry, status or None, error or None)."""
+    entry, src, dst, options = job
+    try:
+        if frame_store.store_matches(dst, options["short_side"], options["small_side"], options["quality"]):
+            return entry, "kept", None
+        frame_store.write_store(src, dst, **options)
+        return entry, "written", None
+    except (VideoDecodeError, av.error.FFmpegError, OSError, ValueError, RuntimeError) as error:
+        return entry, None, str(error) or type(error).__name__
+
+
+def store_tree(root, out_root, entries, short_side=frame_store.DEFAULT_SHORT_SIDE, small_side=None,
+               quality=frame_store.DEFAULT_QUALITY, frame_fps=30.0, workers=1, progress=False):
+    """Convert `entries` of `root` (video files, frame folders) into frame store files under `out_root`
+    (same layout, `.frames`); finished files are kept, partial ones removed and redone. Return
+    ({"written": n, "kept": n}, {relative source path: reason it could not be converted})."""
+    if os.path.realpath(root) == os.path.realpath(out_root):
+        raise ValueError(f"frame store output {out_root} is the source root; choose a new folder")
+    os.makedirs(out_root, exist_ok=True)
+    _remove_partials(out_root)
+    options = dict(short_side=short_side, small_side=small_side, quality=quality, frame_fps=frame_fps)
+    jobs = [(e, os.path.join(root, e.path), os.path.join(out_root, store_path(e)), options) for e in entries]
+    counts, failed = {"written": 0, "kept": 0}, {}
+    for entry, status, error in _parallel(_store_job, jobs, workers, progress, "frame store"):
+        if error is None:
+            counts[status] += 1
+        else:
+            failed[entry.path] = error
+    return counts, failed
+
+
+def _frame_store_main(args, root, out_dir, progress):
+    """`--frame-store NEW_ROOT`: convert every source, name the unreadable ones, write annotation lists."""
+    out_root = os.path.abspath(args.frame_store)
+    try:
+        entries, ignored = scan_sources(root, skip=[out_dir, out_root])
+        counts, failed = store_tree(root, out_root, entries, args.short_side, args.small_side or None,
+                                    args.quality, args.frame_fps, args.workers, progress)
+    except (OSError, ValueError) as error:
+        print(f"prepare_videos: {error}", file=sys.stderr)
+        return 2
+    print(f"{root}: {len(entries)} videos / frame folders"
+          + (f"; ignored {len(ignored)} other entries (first: {', '.join(ignored[:3])})" if ignored else ""))
+    for path, error in sorted(failed.items()):
+        print(f"UNREADABLE {os.path.join(root, path)}: {error}", file=sys.stderr)
+    bad_file = os.path.join(out_root, "bad_videos.txt")
+    _write_text(bad_file, "".join(f"{path}\t{reason}\n" for path, reason in sorted(failed.items())))
+    print(f"frame store {out_root}: {counts['written']} written, {counts['kept']} already done, "
+          f"{len(failed)} unreadable (listed in {bad_file})")
+    good = [e for e in entries if e.path not in failed]
+    if good and all(e.label for e in entries):  # a flat layout (Charades) keeps its own annotation files
+        written = write_annotations(good, out_dir, args.split)
+        stored = write_annotations([VideoEntry(store_path(e), e.label) for e in good],
+                                   os.path.join(out_root, "annotations"), args.split)
+        print(f"wrote {written['annotations']} and {stored['annotations']} ({stored['format']})")
+    return 1 if failed else 0
+
+
 def _arguments(argv):
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -336,19 +469,34 @@ def _arguments(argv):
     parser.add_argument("--drop-bad", action="store_true",
                         help="leave files that fail the check out of the annotations (exit 0)")
     parser.add_argument("--reencode", metavar="NEW_ROOT", help="re-encode every good video into NEW_ROOT")
-    parser.add_argument("--short-side", type=int, default=256, help="re-encode short side (never upscaled)")
+    parser.add_argument("--short-side", type=int, default=256,
+                        help="re-encode / frame store short side (never upscaled)")
     parser.add_argument("--keyframe-interval", type=int, default=30, help="re-encode keyframe interval, frames")
     parser.add_argument("--crf", type=int, default=23, help="x264 constant rate factor")
     parser.add_argument("--preset", default="veryfast", help="x264 preset")
     parser.add_argument("--tune", default="fastdecode", choices=("none",) + X264_TUNES,
                         help="x264 tune; fastdecode (CAVLC, no deblocking) decodes 1.4-1.5x faster; none: "
                              "x264's defaults")
+    parser.add_argument("--frame-store", metavar="NEW_ROOT",
+                        help="convert every video file or JPEG frame folder (label folders or flat <root>/<id>) "
+                             "into one frame store file each under NEW_ROOT")
+    parser.add_argument("--quality", type=int, default=frame_store.DEFAULT_QUALITY, help="frame store JPEG quality")
+    parser.add_argument("--small-side", type=int, default=frame_store.DEFAULT_SMALL_SIDE,
+                        help="frame store: short side of a second, smaller copy of each frame (0: none)")
+    parser.add_argument("--frame-fps", type=float, default=30.0,
+                        help="frame rate of JPEG frame folders (they carry none); Charades_v1_rgb: 24")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     for name in ("short_side", "keyframe_interval", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality must be in 1..100, got {args.quality}")
+    if args.small_side < 0 or args.frame_fps <= 0:
+        parser.error(f"--small-side must be >= 0 and --frame-fps > 0, got {args.small_side} and {args.frame_fps}")
+    if args.frame_store and args.reencode:
+        parser.error("--frame-store and --reencode write different outputs; run them one at a time")
     return args
 
 
@@ -357,6 +505,8 @@ def main(argv=None):
     args = _arguments(argv)
     root, progress = os.path.abspath(args.root), not args.no_progress
     out_dir = os.path.abspath(args.annotations or os.path.join(root, "annotations"))
+    if args.frame_store:
+        return _frame_store_main(args, root, out_dir, progress)
     try:
         entries, ignored = scan_tree(root, skip=[out_dir])
     except (OSError, ValueError) as error:
@@ -384,6 +534,10 @@ def main(argv=None):
     status = 1 if bad and not args.drop_bad else 0
     if args.reencode:
         out_root = os.path.abspath(args.reencode)
+        folders = [e for e in good if os.path.isdir(os.path.join(root, e.path))]
+        if folders:
+            print(f"{len(folders)} frame folders are not re-encoded (only video files are; first: {folders[0].path})")
+            good = [e for e in good if e not in folders]
         try:
             counts, failed = reencode_tree(root, out_root, good, args.short_side, args.keyframe_interval,
                                            args.crf, args.preset, None if args.tune == "none" else args.tune,

@@ -79,6 +79,8 @@ MOTIONS = {
     "orbiting counterclockwise": ("orbit", -1.0),
 }
 CLASS_POOL = tuple(MOTIONS)
+# The CPU demos' classes (Kinetics and Charades): three motions of different kind (README says why).
+DEMO_MOTIONS = ("moving right", "rotating clockwise", "growing")
 
 TRANSLATE_SPEED = 0.30      # short sides per second
 ROTATE_SPEED = math.radians(150.0)  # radians per second
@@ -160,6 +162,49 @@ def resolve_difficulty(difficulty):
             values["distractors"] = tuple(values["distractors"])
         return Difficulty(**values)
     raise ValueError(f"difficulty must be a name, a dict or a Difficulty, got {difficulty!r}")
+
+
+def parse_difficulty(text: str) -> Difficulty:
+    """A `Difficulty` from command-line text: a preset name, then optional field=value overrides.
+
+    "demo" is the CPU demo's preset; "demo,speed=1.5,actors=2" changes two of its fields;
+    distractors take a range as low:high ("medium,distractors=1:3").
+    """
+    name, *overrides = [part.strip() for part in text.split(",")]
+    values = dataclasses.asdict(resolve_difficulty(name))
+    kinds = {f.name: f.type for f in dataclasses.fields(Difficulty)}
+    for item in overrides:
+        field, sep, value = item.partition("=")
+        field = field.strip()
+        if not sep or field not in kinds:
+            raise ValueError(f"difficulty override {item!r}: expected field=value with a field from {sorted(kinds)}")
+        try:
+            if field == "distractors":
+                low, high = (int(v) for v in value.split(":"))
+                values[field] = (low, high)
+            else:
+                values[field] = int(value) if kinds[field] is int else float(value)
+        except ValueError:
+            raise ValueError(f"difficulty override {item!r}: {value!r} is not a "
+                             f"{'low:high range of integers' if field == 'distractors' else 'number'}") from None
+    return Difficulty(**values)
+
+
+def parse_classes(text: str):
+    """Command-line classes: a count ("10": the first N of CLASS_POOL) or comma-separated names; an int or a list."""
+    if text.strip().isdigit():
+        return int(text)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MOTIONS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"classes {text!r}: give a count or distinct comma-separated names from {list(CLASS_POOL)}"
+                         + (f" ({unknown} unknown)" if unknown else ""))
+    return names
+
+
+def class_arguments(classes) -> dict:
+    """`make_kinetics` / `make_charades` keyword for a `parse_classes` result: num_classes=N or classes=[names]."""
+    return {"num_classes": classes} if isinstance(classes, int) else {"classes": list(classes)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,9 +758,12 @@ def main(argv=None):
     for kind, command in commands.items():
         command.add_argument("--out", required=True, help="dataset root directory")
         command.add_argument("--num-classes", type=int, default=10, help=f"first N of {list(CLASS_POOL)}")
+        command.add_argument("--classes", help="comma-separated class names instead of --num-classes")
         command.add_argument("--width", type=int, default=128)
         command.add_argument("--height", type=int, default=96)
-        command.add_argument("--difficulty", default="medium", choices=sorted(DIFFICULTIES))
+        command.add_argument("--difficulty", default="medium",
+                             help=f"a preset of {sorted(DIFFICULTIES)}, optionally with field=value overrides "
+                                  "(demo,speed=1.5)")
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--workers", type=int, default=1, help="processes rendering in parallel")
         command.add_argument("--overwrite", action="store_true", help="replace a dataset made with other settings")
@@ -730,9 +778,10 @@ def main(argv=None):
     commands["charades"].add_argument("--max-seconds", type=float, default=6.0)
     commands["charades"].add_argument("--fps", type=int, default=24)
     args = parser.parse_args(argv)
-    common = dict(num_classes=args.num_classes, size=(args.width, args.height), difficulty=args.difficulty,
-                  seed=args.seed, workers=args.workers, overwrite=args.overwrite, fps=args.fps, progress=True)
     try:
+        classes = class_arguments(parse_classes(args.classes) if args.classes else args.num_classes)
+        common = dict(size=(args.width, args.height), difficulty=parse_difficulty(args.difficulty), seed=args.seed,
+                      workers=args.workers, overwrite=args.overwrite, fps=args.fps, progress=True, **classes)
         if args.kind == "kinetics":
             paths = make_kinetics(args.out, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
                                   seconds=args.seconds, keyframe_interval=args.keyframe_interval, **common)

@@ -21,15 +21,14 @@ cycle's coarse shapes, and it keeps the full-shape BN statistics of the checkpoi
 through the same MultigridPlan as Kinetics when switched on.
 Edit the constants or override any of them on the command line (`--help` lists them all).
 """
-import functools
 import os
 
 import numpy as np
 import torch.nn.functional as F
 
 import charades
+import synthetic_data
 import trainer
-from train_x3d_kinetics_multigrid import DEMO_DATASET as kinetics_demo_dataset, fill_preset
 
 # --------------------------------------------------------------------------- constants (edit me)
 GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
@@ -38,6 +37,7 @@ DEMO = False             # generate the synthetic Charades-format dataset and tr
 RUN_NAME = "charades_x3d_m"  # run folder name under LOG_DIR; a rerun with the same name resumes
 LOG_DIR = "logs"         # LOG_DIR/RUN_NAME/ holds the run's logs, plots, checkpoints and results
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
+FORCE_RESUME = False     # resume even when schedule settings (batch size, epochs, ...) changed
 
 FRAMES_ROOT = "/data/charades/Charades_v1_rgb"   # <id>/<id>-000001.jpg at 24 fps (or <id>.mp4)
 TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"  # training videos and their actions
@@ -60,6 +60,7 @@ BATCH_SIZE = 16          # global clips per iteration (split over processes)
 BASE_LR = 0.0375         # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
 LR_REFERENCE_BATCH = 16  # the global batch BASE_LR is meant for
 LR_POLICY = "steps_with_relative_lrs"      # or "cosine"
+COSINE_BATCH_FACTOR = True  # cosine + long cycle: LR x the phase's batch factor; False: PySlowFast's (no factor)
 STEPS = [0, 41, 49]      # epochs where the LR steps down by GAMMA (before Multigrid rescales them)
 MAX_EPOCH = 57           # training epochs (before Multigrid rescales them)
 GAMMA = 0.1              # LR ratio between steps (steps_with_relative_lrs)
@@ -109,75 +110,22 @@ DEMO_SETTINGS = dict(
     EVAL_PERIOD=5, CHECKPOINT_PERIOD=0, CHECKPOINT_ITERS=200, LOG_PERIOD=10,
     PRECISE_BN_BATCHES=10, RANDOM_FLIP=False, TEST_TEMPORAL_VIEWS=10, TEST_SPATIAL_VIEWS=1, DROPOUT=0.0,
 )
-DEMO_DATASET = dict(classes=kinetics_demo_dataset["classes"], difficulty="demo")
+DEMO_DATASET = dict(classes=synthetic_data.DEMO_MOTIONS, difficulty="demo")  # the Kinetics demo's motions
 DEMO_DATA = "data/synthetic_charades"
 # ------------------------------------------------------------------------------------------------
 
 CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA", "DEMO_DATASET"))
 
 
-DATA_SETTINGS = ("frames_root", "train_annotations", "test_annotations", "class_list")
-TEST_DATA = ("frames_root", "test_annotations", "class_list")
-
-
-def demo(cfg, settings=DEMO_SETTINGS) -> None:
-    """Generate the synthetic Charades-format dataset and apply `settings` not set by flags.
+def demo(cfg) -> None:
+    """Generate the synthetic Charades-format dataset; apply the DEMO_SETTINGS not given as flags.
 
     Dataset flags given with --demo are refused: the demo would replace them.
     """
-    import synthetic_data
-    trainer.refuse_demo_mix(cfg, DATA_SETTINGS, DEMO_DATA)
-    try:
-        paths = synthetic_data.make_charades(DEMO_DATA, overwrite=True, workers=os.cpu_count() or 1,
-                                             progress=True, **DEMO_DATASET)
-    except ValueError as e:
-        raise trainer.SetupError(f"{e}; delete {DEMO_DATA} to regenerate it") from None
-    cfg.frames_root, cfg.class_list = paths["frames_root"], paths["classes"]
-    cfg.train_annotations, cfg.test_annotations = paths["train_csv"], paths["test_csv"]
-    for name, value in settings.items():
-        if name.lower() not in cfg.explicit:
-            setattr(cfg, name.lower(), value)
-    if cfg.pretrained == settings.get("PRETRAINED") and not os.path.exists(cfg.pretrained):
-        print(f"demo: {cfg.pretrained} not found (run the demo that writes it first to start from "
-              "its weights): training from scratch")
-        cfg.pretrained = ""
-
-
-def _dataset(cfg, annotations, mode, target, log):
-    """One CharadesDataset of the configuration."""
-    return charades.CharadesDataset(
-        cfg.frames_root, annotations, mode, classes=cfg.class_list or None, frames=cfg.frames,
-        rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
-        temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views, fps=cfg.fps,
-        target=target, inverse_uniform=cfg.inverse_uniform, seed=cfg.seed,
-        random_flip=cfg.random_flip, log=log)
-
-
-def build_datasets(cfg, log, test_only=False, target="clip"):
-    """(train, val, test) Charades datasets; val (centre clips) and test (all views) read the test CSV.
-
-    Every path is checked first, in the order of the flags (test only: all but the training CSV).
-    """
-    fill_preset(cfg)
-    trainer.check_paths(cfg, TEST_DATA if test_only else DATA_SETTINGS)
-    try:
-        if test_only:
-            return None, None, _dataset(cfg, cfg.test_annotations, "test", target, log)
-        train = _dataset(cfg, cfg.train_annotations, "train", target, log)
-        val = _dataset(cfg, cfg.test_annotations, "val", target, log)
-        test = _dataset(cfg, cfg.test_annotations, "test", target, log)
-    except (ValueError, FileNotFoundError) as e:
-        raise trainer.SetupError(str(e)) from None
-    if train.num_classes != test.num_classes:
-        raise trainer.SetupError(f"{cfg.train_annotations} and {cfg.test_annotations} disagree on "
-                                 f"the class count ({train.num_classes} vs {test.num_classes})")
-    return train, val, test
-
-
-def random_baseline(metric, shape, labels, seeds=10) -> float:
-    """Mean over `seeds` of `metric(uniform random scores of shape, labels).map`: the chance level."""
-    return float(np.mean([metric(np.random.default_rng(s).random(shape), labels).map
-                          for s in range(seeds)]))
+    trainer.refuse_demo_mix(cfg, charades.DATA_SETTINGS, DEMO_DATA)
+    with trainer.setup_errors(f"; delete {DEMO_DATA} to regenerate it"):
+        charades.use_demo_dataset(cfg, DEMO_DATA, **DEMO_DATASET)
+    trainer.apply_demo_settings(cfg, DEMO_SETTINGS)
 
 
 def clip_map(scores, targets) -> dict:
@@ -199,7 +147,7 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
     full = np.full((len(dataset), dataset.num_classes), -np.inf)
     full[index.numpy()] = scores.double().numpy()
     result = charades.classify_map(full, dataset.videos)
-    chance = random_baseline(charades.classify_map, full.shape, dataset.videos)
+    chance = charades.random_baseline(charades.classify_map, full.shape, dataset.videos)
     path = os.path.join(run_dir, "submission_classify.txt")
     results = {"protocol": protocol, "mAP": result.map, "classify_map": result.map,
                "random_scores_map": chance, "videos": len(dataset), "failed_videos": len(failed),
@@ -218,14 +166,9 @@ def loss(logits, targets):
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
 
 
-def num_classes(dataset) -> int:
-    """Classes of a Charades dataset."""
-    return dataset.num_classes
-
-
-TASK = trainer.Task(name="charades", build_datasets=build_datasets, loss=loss, val_metrics=clip_map,
-                    test=test, primary="mAP", n_classes=num_classes, multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=TEST_DATA)
+TASK = trainer.Task(name="charades", build_datasets=charades.build_datasets, loss=loss,
+                    val_metrics=clip_map, test=test, primary="mAP", multi_label=True, demo=demo,
+                    data_paths=charades.DATA_SETTINGS, test_data=charades.TEST_DATA)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import charades
+import synthetic_data
 import trainer
 from progress import Progress
-from train_x3d_charades import TEST_DATA as charades_test_data
-from train_x3d_charades import build_datasets, demo, num_classes, random_baseline
 
 # --------------------------------------------------------------------------- constants (edit me)
 GPU = ""                 # -gpu 0,1,2,3: local GPUs, one process each; empty: CPU
@@ -42,6 +41,7 @@ DEMO = False             # generate the synthetic Charades-format dataset and tr
 RUN_NAME = "charades_loc_x3d_m"  # run folder name under LOG_DIR; a rerun with the same name resumes
 LOG_DIR = "logs"         # LOG_DIR/RUN_NAME/ holds the run's logs, plots, checkpoints and results
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
+FORCE_RESUME = False     # resume even when schedule settings (batch size, epochs, ...) changed
 
 FRAMES_ROOT = "/data/charades/Charades_v1_rgb"   # <id>/<id>-000001.jpg at 24 fps (or <id>.mp4)
 TRAIN_ANNOTATIONS = "/data/charades/Charades_v1_train.csv"  # training videos and their actions
@@ -64,6 +64,7 @@ BATCH_SIZE = 16          # global clips per iteration (split over processes)
 BASE_LR = 0.0375         # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
 LR_REFERENCE_BATCH = 16  # the global batch BASE_LR is meant for
 LR_POLICY = "steps_with_relative_lrs"      # or "cosine"
+COSINE_BATCH_FACTOR = True  # cosine + long cycle: LR x the phase's batch factor; False: PySlowFast's (no factor)
 STEPS = [0, 41, 49]      # epochs where the LR steps down by GAMMA (before Multigrid rescales them)
 MAX_EPOCH = 57           # training epochs (before Multigrid rescales them)
 GAMMA = 0.1              # LR ratio between steps (steps_with_relative_lrs)
@@ -112,9 +113,22 @@ DEMO_SETTINGS = dict(
     PRECISE_BN_BATCHES=10, TEST_TEMPORAL_VIEWS=4, TEST_SPATIAL_VIEWS=1, DROPOUT=0.0,
     RANDOM_FLIP=False,
 )
+DEMO_DATASET = dict(classes=synthetic_data.DEMO_MOTIONS, difficulty="demo")  # the Kinetics demo's motions
+DEMO_DATA = "data/synthetic_charades"
 # ------------------------------------------------------------------------------------------------
 
-CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS",))
+CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA", "DEMO_DATASET"))
+
+
+def demo(cfg) -> None:
+    """Generate the synthetic Charades-format dataset; apply the DEMO_SETTINGS not given as flags.
+
+    Dataset flags given with --demo are refused: the demo would replace them.
+    """
+    trainer.refuse_demo_mix(cfg, charades.DATA_SETTINGS, DEMO_DATA)
+    with trainer.setup_errors(f"; delete {DEMO_DATA} to regenerate it"):
+        charades.use_demo_dataset(cfg, DEMO_DATA, **DEMO_DATASET)
+    trainer.apply_demo_settings(cfg, DEMO_SETTINGS)
 
 
 def loss(logits, targets):
@@ -198,9 +212,9 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
     flat_shape = (c, sum(s.shape[1] for s in dense_scores))
     results = {
         "protocol": protocol, "mAP": official.map, "localize_map": official.map,
-        "random_scores_localize_map": random_baseline(charades.localize_map, points.shape, dataset.videos),
+        "random_scores_localize_map": charades.random_baseline(charades.localize_map, points.shape, dataset.videos),
         "frame_map": dense.map, "frame_map_protocol": f"{dense.protocol}, every {cfg.frame_map_stride}th frame",
-        "random_scores_frame_map": random_baseline(charades.frame_map, flat_shape,
+        "random_scores_frame_map": charades.random_baseline(charades.frame_map, flat_shape,
                                                    np.concatenate(dense_targets, axis=1)),
         "videos": len(dataset), "failed_videos": len(failed),
         "submission": os.path.join(run_dir, "submission_localize.txt")}
@@ -214,10 +228,10 @@ def test(model, dataset, cfg, d, log, run_dir) -> dict:
     return results
 
 
-TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(build_datasets, target="frames"),
-                    loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP",
-                    n_classes=num_classes, model_task="loc", multi_label=True,
-                    demo=functools.partial(demo, settings=DEMO_SETTINGS), test_data=charades_test_data)
+TASK = trainer.Task(name="charades_loc", build_datasets=functools.partial(charades.build_datasets, target="frames"),
+                    loss=loss, val_metrics=clip_frame_map, test=test, primary="mAP", model_task="loc",
+                    multi_label=True, demo=demo, data_paths=charades.DATA_SETTINGS,
+                    test_data=charades.TEST_DATA)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import kinetics_multigrid
+import synthetic_data
 import trainer
 import transforms
 import x3d
@@ -27,6 +29,7 @@ DEMO = False             # generate the synthetic Kinetics-format dataset and tr
 RUN_NAME = "kinetics_x3d_m"  # run folder name under LOG_DIR; a rerun with the same name resumes
 LOG_DIR = "logs"         # LOG_DIR/RUN_NAME/ holds the run's logs, plots, checkpoints and results
 RESUME = True            # continue from logs/<RUN_NAME>/checkpoints/last.pt when it exists
+FORCE_RESUME = False     # resume even when schedule settings (batch size, epochs, ...) changed
 
 TRAIN_ROOT = "/data/kinetics400/train"     # <label>/<youtube_id>_<start>_<end>.mp4 (or frames)
 TRAIN_ANNOTATIONS = "/data/kinetics400/annotations/train.csv"   # Kinetics CSV, `path label`, JSON
@@ -49,6 +52,7 @@ BATCH_SIZE = 128         # global clips per iteration at the full shape (split o
 BASE_LR = 0.1            # for LR_REFERENCE_BATCH clips; scaled linearly to BATCH_SIZE
 LR_REFERENCE_BATCH = 128  # the global batch BASE_LR is meant for
 LR_POLICY = "cosine"     # X3D's recipe; or "steps_with_relative_lrs" (PySlowFast's Multigrid)
+COSINE_BATCH_FACTOR = True  # cosine + long cycle: LR x the phase's batch factor; False: PySlowFast's (no factor)
 STEPS = [0, 118, 193, 246]  # epochs that place the long cycles (cosine) or the LR steps
 MAX_EPOCH = 300          # before Multigrid rescales it (x epoch factor 1.5 -> 450)
 GAMMA = 0.1              # LR ratio between steps (steps_with_relative_lrs)
@@ -103,24 +107,11 @@ DEMO_SETTINGS = dict(
     TEST_SPATIAL_VIEWS=3, DROPOUT=0.0, RANDOM_FLIP=False,
 )
 DEMO_DATA = "data/synthetic_kinetics_demo"
-DEMO_DATASET = dict(classes=("moving right", "rotating clockwise", "growing"),
-                    difficulty="demo", train_per_class=128, val_per_class=20)
+DEMO_DATASET = dict(classes=synthetic_data.DEMO_MOTIONS, difficulty="demo", train_per_class=128,
+                    val_per_class=20)
 # ------------------------------------------------------------------------------------------------
 
 CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA", "DEMO_DATASET"))
-
-
-def fill_preset(cfg) -> None:
-    """Replace 0 / empty shape settings with the X3D preset's values."""
-    if cfg.x3d_version not in x3d.PRESETS:
-        raise trainer.SetupError(f"--x3d-version {cfg.x3d_version!r}: choose one of "
-                                 f"{', '.join(x3d.PRESETS)}")
-    p = x3d.PRESETS[cfg.x3d_version]
-    cfg.frames = cfg.frames or p.frames
-    cfg.rate = cfg.rate or p.rate
-    cfg.crop = cfg.crop or p.train_crop
-    cfg.test_crop = cfg.test_crop or p.test_crop
-    cfg.short_side = list(cfg.short_side) or list(p.train_short_side)
 
 
 DATA_SETTINGS = ("train_root", "train_annotations", "val_root", "val_annotations", "class_list")
@@ -131,44 +122,40 @@ def demo(cfg) -> None:
 
     Dataset flags given with --demo are refused: the demo would replace them.
     """
-    import synthetic_data
     trainer.refuse_demo_mix(cfg, DATA_SETTINGS, DEMO_DATA)
-    try:
+    with trainer.setup_errors():
         paths = synthetic_data.make_kinetics(DEMO_DATA, progress=True, overwrite=True,
                                              workers=os.cpu_count() or 1, **DEMO_DATASET)
-    except ValueError as e:
-        raise trainer.SetupError(str(e)) from None
     cfg.train_root, cfg.train_annotations = paths["train_root"], paths["train_csv"]
     cfg.val_root, cfg.val_annotations = paths["val_root"], paths["val_csv"]
     cfg.class_list = paths["classes"]
-    for name, value in DEMO_SETTINGS.items():
-        if name.lower() not in cfg.explicit:
-            setattr(cfg, name.lower(), value)
+    trainer.apply_demo_settings(cfg, DEMO_SETTINGS)
 
 
-def _dataset(cfg, root, annotations, mode, log):
+def _dataset(cfg, root, annotations, mode, log, classes=None, classes_from=None):
     return kinetics_multigrid.KineticsDataset(
-        root, annotations, mode, class_list=cfg.class_list or None, frames=cfg.frames,
+        root, annotations, mode, class_list=cfg.class_list or None, classes=classes,
+        classes_from=classes_from, frames=cfg.frames,
         rate=cfg.rate, crop=cfg.crop, short_side=tuple(cfg.short_side), test_crop=cfg.test_crop,
         temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
         target_fps=cfg.target_fps, seed=cfg.seed, random_flip=cfg.random_flip, log=log)
 
 
 def build_datasets(cfg, log, test_only=False):
-    """(train, val, test) Kinetics datasets; val and test read the same validation list.
-
-    Every path is checked first, in the order of the flags (test only: the validation paths).
-    """
-    fill_preset(cfg)
-    trainer.check_paths(cfg, DATA_SETTINGS[2:] if test_only else DATA_SETTINGS)
-    try:
-        if test_only:
-            return None, None, _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
-        train = _dataset(cfg, cfg.train_root, cfg.train_annotations, "train", log)
-        val = _dataset(cfg, cfg.val_root, cfg.val_annotations, "val", log)
-        test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log)
-    except ValueError as e:
-        raise trainer.SetupError(str(e)) from None
+    """(train, val, test) Kinetics datasets; val and test read the same validation list, their labels
+    mapped by name onto the training classes (--eval-only: the checkpoint's, else --class-list)."""
+    if test_only:
+        names = getattr(cfg, "class_names", None)
+        if names and cfg.class_list and kinetics_multigrid.read_class_list(cfg.class_list) != names:
+            raise trainer.SetupError(
+                f"--class-list {cfg.class_list} differs from the {len(names)} class names stored "
+                f"in {cfg.checkpoint} (names or order): leave --class-list out to use the checkpoint's")
+        return None, None, _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log, names,
+                                    f"the classes stored in {cfg.checkpoint}")
+    train = _dataset(cfg, cfg.train_root, cfg.train_annotations, "train", log)
+    source = f"the training classes (of {cfg.class_list or cfg.train_annotations})"
+    val = _dataset(cfg, cfg.val_root, cfg.val_annotations, "val", log, train.classes, source)
+    test = _dataset(cfg, cfg.val_root, cfg.val_annotations, "test", log, train.classes, source)
     return train, val, test
 
 
@@ -207,7 +194,7 @@ def predict(cfg) -> None:
     The X3D version, the test views and the class names come from the checkpoint when it holds them
     (trainer.adopt_checkpoint_settings) and the flags do not give them.
     """
-    fill_preset(cfg)
+    trainer.fill_preset(cfg)
     if trainer.describe_adopted(cfg):
         print("settings " + trainer.describe_adopted(cfg), file=sys.stderr)
     if not os.path.exists(cfg.predict):
@@ -220,7 +207,10 @@ def predict(cfg) -> None:
             "/", listing, "test", frames=cfg.frames, rate=cfg.rate, crop=cfg.crop,
             test_crop=cfg.test_crop, temporal_views=cfg.test_temporal_views, spatial_views=cfg.test_spatial_views,
             target_fps=cfg.target_fps, log=lambda m: None)
-        ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+        try:
+            ckpt = checkpoints.load(cfg.checkpoint)[0]
+        except checkpoints.Corrupt as e:
+            raise trainer.SetupError(str(e)) from None
         n_classes = ckpt.get("n_classes", 400) if isinstance(ckpt, dict) else 400
         model = x3d.generate_model(cfg.x3d_version, n_classes=n_classes)
         try:
@@ -242,8 +232,8 @@ def predict(cfg) -> None:
 
 def _class_names(cfg, n_classes) -> list[str]:
     """Class names from the checkpoint, else CLASS_LIST, else the training annotations, else indices."""
-    if getattr(cfg, "checkpoint_class_names", None):
-        return list(cfg.checkpoint_class_names)
+    if getattr(cfg, "class_names", None):
+        return list(cfg.class_names)
     if cfg.class_list and os.path.exists(cfg.class_list):
         return kinetics_multigrid.read_class_list(cfg.class_list)
     if os.path.exists(cfg.train_annotations):
@@ -257,14 +247,9 @@ def loss(logits, labels):
     return F.cross_entropy(logits.float(), labels)
 
 
-def num_classes(dataset) -> int:
-    """Classes of a Kinetics dataset."""
-    return dataset.num_classes
-
-
 TASK = trainer.Task(name="kinetics", build_datasets=build_datasets, loss=loss,
-                    val_metrics=trainer.topk_accuracy, test=test, primary="top1",
-                    n_classes=num_classes, demo=demo, predict=predict,
+                    val_metrics=trainer.topk_accuracy, test=test, primary="top1", demo=demo,
+                    predict=predict, data_paths=DATA_SETTINGS,
                     test_data=DATA_SETTINGS[2:])
 
 

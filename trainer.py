@@ -5,13 +5,15 @@ to build its datasets, its loss and its metrics) and calls `main(task, constants
 lives here:
 
 - config: every UPPERCASE constant becomes a command-line flag (`--batch-size 64`, `-gpu 0,1`);
+  the X3D preset fills unset shapes (`fill_preset`), `--demo` settings apply where no flag was given;
 - processes: one process per GPU (NCCL) launched from `-gpu`, several CPU processes (gloo) from
   `--cpu-processes`, or whatever `torchrun` set up across nodes;
 - the loop: a `multigrid.MultigridPlan` decides every batch's shape and the learning rate; the
   trainer only reacts to a long-cycle phase change by setting the BN splits (statistics are kept);
-- checkpoints: written atomically (temp file + rename) every N iterations and epochs, plus `last`
-  and `best`; a run restarted in the same folder resumes model, optimizer, scaler, LR position,
-  Multigrid phase, RNG states and sampler position, so a killed run ends with the same weights;
+- checkpoints: written atomically and checksummed (checkpoints.py) every N iterations and epochs,
+  plus `last` and `best`; a run restarted in the same folder resumes model, optimizer, scaler, LR
+  position, Multigrid phase, RNG states, sampler position and counters from the newest intact
+  one, so a killed run ends with the same weights;
 - evaluation: precise BN, clip-level validation, multi-view test, per-video predictions;
 - logs: `logs/<run>/` holds config.json, log.txt, metrics.jsonl, PNG plots and checkpoints.
 """
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import itertools
 import json
 import os
@@ -34,11 +37,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+import checkpoints
 import multigrid
 import transforms
-from progress import Progress
+import video_io
 import x3d
 import x3d_kernels
+from progress import Progress
 
 # training_curves.png is redrawn after an epoch only when this many seconds passed since the last
 # drawing, and always at the end: a drawing costs about 0.3 s, and an epoch of an early Multigrid
@@ -47,7 +52,7 @@ PLOT_INTERVAL_S = 60.0
 
 
 class SetupError(Exception):
-    """A configuration or input problem found before training: printed as one message, exit 2."""
+    """A configuration, input or run-folder problem: printed as one message, exit 2."""
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -158,6 +163,42 @@ def parse_gpus(spec: str) -> list[int]:
     return gpus
 
 
+# Flag value rules: (settings, test, what the value must be). Only the settings a script has apply.
+_VALUE_RULES = (
+    (("batch_size", "lr_reference_batch", "max_epoch", "log_period", "bn_base_size",
+      "test_temporal_views", "test_batch", "cpu_processes"),
+     lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+    (("workers", "threads", "frames", "rate", "crop", "test_crop", "eval_period",
+      "checkpoint_period", "checkpoint_iters", "precise_bn_batches"),
+     lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0"),
+    (("base_lr", "target_fps", "fps", "epoch_factor", "gamma"),
+     lambda v: v > 0, "a number > 0"),
+    (("warmup_epochs", "warmup_start_lr", "weight_decay", "bn_weight_decay", "momentum"),
+     lambda v: v >= 0, "a number >= 0"),
+    (("dropout",), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    (("short_side",), lambda v: len(v) == 0 or (len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)
+                                                and v[0] <= v[1]), "empty or MIN,MAX whole numbers with MIN <= MAX"),
+    (("steps",), lambda v: len(v) > 0 and all(isinstance(x, (int, float)) for x in v),
+     "a comma-separated list of epochs such as 0,41,49"),
+)
+_CHOICES = {"precision": ("fp32", "bf16", "fp16"), "x3d_version": tuple(x3d.PRESETS),
+            "lr_policy": multigrid.LR_POLICIES, "test_spatial_views": (1, 3)}
+
+
+def check_flag_values(cfg) -> None:
+    """SetupError naming the first flag whose value is outside what it allows (before any folder is made)."""
+    values = vars(cfg)
+    for name, choices in _CHOICES.items():
+        if name in values and values[name] not in choices:
+            raise SetupError(f"{_flag(name)} {values[name]!r}: choose one of "
+                             f"{', '.join(map(str, choices))}")
+    for names, ok, what in _VALUE_RULES:
+        for name in names:
+            if name in values and not ok(values[name]):
+                shown = ",".join(map(str, values[name])) if isinstance(values[name], list) else values[name]
+                raise SetupError(f"{_flag(name)} {shown}: must be {what}")
+
+
 # -------------------------------------------------------------------------------------- processes
 
 @dataclasses.dataclass
@@ -248,30 +289,50 @@ def launch(fn: Callable, cfg) -> None:
 # ------------------------------------------------------------------------------------ run folder
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """Every record of a run folder's metrics.jsonl ([] before the first one is written)."""
+    """Every record of a run folder's metrics.jsonl ([] before the first one is written).
+
+    A last line cut short (a full disk during the append) is left out: resume rewrites the file.
+    """
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 class RunLog:
-    """The run folder: plain-text log, JSON-lines metrics, TensorBoard events and PNG plots (rank 0)."""
+    """The run folder: plain-text log, JSON-lines metrics, TensorBoard events and PNG plots (rank 0).
 
-    def __init__(self, run_dir: str, active: bool, subdirs=("checkpoints",)):
+    With `create=False` nothing is written until `open()`: lines logged before go to the terminal
+    and reach log.txt then, so a run refused during its checks leaves no folder behind.
+    """
+
+    def __init__(self, run_dir: str, active: bool, create: bool = True, subdirs=("checkpoints",)):
         self.dir = run_dir
         self.active = active
         self.tb = None
         self.bar = None
-        if not active:
+        self._subdirs = tuple(subdirs)
+        self._text = None
+        self._pending = []
+        if active and create:
+            self.open()
+
+    def open(self) -> None:
+        """Make the run folder, write the lines logged so far to log.txt and start TensorBoard."""
+        if not self.active or self._text is not None:
             return
-        for sub in ("",) + tuple(subdirs):
-            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
-        self._text = open(os.path.join(run_dir, "log.txt"), "a", buffering=1)
+        for sub in ("",) + self._subdirs:
+            os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
+        self._text = open(os.path.join(self.dir, "log.txt"), "a", buffering=1)
+        self._text.writelines(self._pending)
+        self._pending = []
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"))
         except Exception:  # tensorboard is optional
             self.tb = None
 
@@ -284,7 +345,10 @@ class RunLog:
             self.bar.write(line)
         else:
             print(line, flush=True)
-        self._text.write(line + "\n")
+        if self._text is None:
+            self._pending.append(line + "\n")
+        else:
+            self._text.write(line + "\n")
 
     def metric(self, record: dict) -> None:
         """Append one record, stamped with its wall-clock `time` (Unix s), to metrics.jsonl (and TensorBoard)."""
@@ -377,7 +441,7 @@ class RunLog:
 
     def close(self) -> None:
         """Flush and close the files."""
-        if self.active:
+        if self.active and self._text is not None:
             self._text.close()
             if self.tb is not None:
                 self.tb.close()
@@ -385,21 +449,24 @@ class RunLog:
 
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:  # e.g. a full disk: leave no partial file behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 # ------------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write `state` with torch.save to a temp file, fsync, then rename over `path` (atomic)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """checkpoints.save (atomic, checksummed, never non-finite); a failed write is a one-line SetupError."""
+    try:
+        checkpoints.save(path, state)
+    except checkpoints.WriteFailed as e:
+        raise SetupError(str(e)) from None
 
 
 def rng_state() -> dict:
@@ -551,21 +618,59 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
 
 # ----------------------------------------------------------------------------------------- task
 
+def fill_preset(cfg) -> None:
+    """Replace 0 / empty shape settings (frames, rate, crops, short side) with the X3D preset's."""
+    if cfg.x3d_version not in x3d.PRESETS:
+        raise SetupError(f"--x3d-version {cfg.x3d_version!r}: choose one of {', '.join(x3d.PRESETS)}")
+    p = x3d.PRESETS[cfg.x3d_version]
+    cfg.frames = cfg.frames or p.frames
+    cfg.rate = cfg.rate or p.rate
+    cfg.crop = cfg.crop or p.train_crop
+    cfg.test_crop = cfg.test_crop or p.test_crop
+    cfg.short_side = list(cfg.short_side) or list(p.train_short_side)
+
+
+def num_classes(dataset) -> int:
+    """Classes of a dataset with a `num_classes` attribute (Kinetics and Charades datasets)."""
+    return dataset.num_classes
+
+
+@contextlib.contextmanager
+def setup_errors(hint: str = ""):
+    """Turn a ValueError / FileNotFoundError raised inside into a SetupError (message + hint)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SetupError(f"{e}{hint}") from None
+
+
+def apply_demo_settings(cfg, settings: dict) -> None:
+    """--demo: set each of a script's DEMO_SETTINGS not given as a flag; a missing demo PRETRAINED means from scratch."""
+    for name, value in settings.items():
+        if name.lower() not in cfg.explicit:
+            setattr(cfg, name.lower(), value)
+    if cfg.pretrained and cfg.pretrained == settings.get("PRETRAINED") and not os.path.exists(cfg.pretrained):
+        print(f"demo: {cfg.pretrained} not found (run the demo that writes it first to start from "
+              "its weights): training from scratch")
+        cfg.pretrained = ""
+
+
 @dataclasses.dataclass
 class Task:
     """What differs between Kinetics, Charades classification and Charades localization."""
     name: str
-    build_datasets: Callable  # (cfg, log) -> (train, val, test) datasets; test may be None
+    build_datasets: Callable  # (cfg, log, test_only) -> (train, val, test); test may be None
     loss: Callable  # (logits, targets) -> scalar loss
     val_metrics: Callable  # (scores, targets) -> dict, incl. the primary key
     test: Callable  # (model, test_dataset, cfg, Dist, log, run_dir) -> dict of results (rank 0)
     primary: str  # metric that decides `best`
-    n_classes: Callable  # (train dataset) -> int
+    n_classes: Callable = num_classes  # (train dataset) -> int
     model_task: str = "class"
     multi_label: bool = False
     demo: Callable | None = None  # (cfg) -> None: make the demo dataset and point cfg at it
     predict: Callable | None = None  # (cfg) -> None: `--predict FILE`, print the top classes
-    test_data: tuple = ()  # settings naming the test data, taken from a checkpoint's run config
+    data_paths: tuple = ()  # path settings, in the order of their flags: checked before training
+    test_data: tuple = ()  # the path settings of the test data: checked for --eval-only, taken from a checkpoint
 
 
 # What `--eval-only` and `--predict` take from the run config a checkpoint carries when the flag is
@@ -579,7 +684,7 @@ CHECKPOINT_SETTINGS = ("x3d_version", "frames", "rate", "crop", "test_crop", "sh
 def adopt_checkpoint_settings(cfg, task: Task) -> None:
     """`--eval-only` / `--predict`: settings not given as flags come from the checkpoint's run.
 
-    Sets `cfg.from_checkpoint` (the names taken) and `cfg.checkpoint_class_names` (the checkpoint's
+    Sets `cfg.from_checkpoint` (the names taken) and `cfg.class_names` (the checkpoint's
     "class_names", or None). Checkpoints without a run config (FAIR, pytorchvideo, x3d-multigrid)
     give only what they hold: nothing but the weights, or the X3D version.
     """
@@ -598,7 +703,7 @@ def adopt_checkpoint_settings(cfg, task: Task) -> None:
                            and getattr(cfg, n) != saved[n]]
     for name in cfg.from_checkpoint:
         setattr(cfg, name, saved[name])
-    cfg.checkpoint_class_names = ckpt.get("class_names")
+    cfg.class_names = ckpt.get("class_names")  # test labels map onto these names
 
 
 def describe_adopted(cfg) -> str:
@@ -644,6 +749,18 @@ def refuse_demo_mix(cfg, replaced: tuple, data_dir: str) -> None:
                          "leave out --demo to use your data")
 
 
+def load_datasets(task: Task, cfg, log, test_only: bool = False) -> tuple:
+    """The task's (train, val, test) datasets after the preset fills the shape settings.
+
+    The task's path settings are checked first (check_paths); a ValueError / FileNotFoundError of the
+    dataset readers becomes a SetupError.
+    """
+    check_paths(cfg, task.test_data if test_only else task.data_paths)
+    fill_preset(cfg)
+    with setup_errors():
+        return task.build_datasets(cfg, log, test_only=test_only)
+
+
 def build_model(cfg, task: Task, n_classes: int, log) -> torch.nn.Module:
     """The X3D of `cfg.x3d_version`, with `cfg.pretrained` weights loaded when given."""
     model = x3d.generate_model(cfg.x3d_version, n_classes=n_classes, dropout=cfg.dropout,
@@ -665,11 +782,29 @@ def _summary(report: dict) -> str:
 
 
 def _load(model, path: str) -> dict:
-    """x3d.load_pretrained, with its refusal turned into a SetupError naming the file."""
+    """x3d.load_pretrained, with its refusal turned into a SetupError naming the file; this repo's
+    checkpoints are also checked against their checksum (a note when they have none)."""
     try:
-        return x3d.load_pretrained(model, path)
+        report = x3d.load_pretrained(model, path)
     except ValueError as e:
         raise SetupError(f"{path}: {e}") from None
+    if report.get("format") == "x3d.py":
+        try:
+            note = checkpoints.load(path)[1]
+        except checkpoints.Corrupt as e:
+            raise SetupError(f"{e}; use another checkpoint of the run (checkpoints/*.pt)") from None
+        report["notes"] = report.get("notes", []) + ([note] if note else [])
+    return report
+
+
+def stored_class_names(path: str) -> list[str] | None:
+    """The class names a checkpoint of this repo stores (index = label), or None."""
+    try:
+        state = x3d._load_file(path)[0]  # x3d's reader: weights-only first, as for loading weights
+    except (OSError, ValueError):  # unreadable files are reported by the loader that follows
+        return None
+    names = state.get("class_names") if isinstance(state, dict) else None
+    return list(names) if names else None
 
 
 def make_plan(cfg, d: Dist) -> multigrid.MultigridPlan:
@@ -684,7 +819,8 @@ def make_plan(cfg, d: Dist) -> multigrid.MultigridPlan:
         long_cycle=cfg.long_cycle, short_cycle=cfg.short_cycle, lr_policy=cfg.lr_policy,
         gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs,
         warmup_start_lr=cfg.warmup_start_lr * base_lr / cfg.base_lr if cfg.warmup_start_lr else None,
-        epoch_factor=cfg.epoch_factor, bn_base_size=cfg.bn_base_size)
+        epoch_factor=cfg.epoch_factor, bn_base_size=cfg.bn_base_size,
+        cosine_batch_factor=cfg.cosine_batch_factor)
 
 
 def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:
@@ -724,23 +860,59 @@ def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:
 
 # ----------------------------------------------------------------------------------------- train
 
-def class_names_of(dataset) -> list[str] | None:
-    """A dataset's class names by label id (Charades: the class codes), or None when it has none."""
-    names = getattr(dataset, "classes", None)
-    if not names:
-        return None
-    return [n if isinstance(n, str) else n[0] for n in names]
-
-
 def _checkpoint_state(model, optimizer, scaler, cfg, task: Task, n_classes, epoch, iteration,
-                      step, best, class_names=None) -> dict:
+                      step, best, class_names=None, **extra) -> dict:
+    """What a checkpoint holds; `class_names` (index = label) lets evaluation map labels by name."""
     return {"model": unwrap(model).state_dict(), "x3d_version": cfg.x3d_version,
-            "n_classes": n_classes, "class_names": class_names,
-            "task": task.model_task, "multi_label": task.multi_label,
+            "n_classes": n_classes, "task": task.model_task, "multi_label": task.multi_label,
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch, "iteration": iteration, "step": step, "best": best,
-            "rng": rng_state(), "config": vars(cfg)}
+            "rng": rng_state(), "config": vars(cfg), "class_names": class_names, **extra}
+
+
+def class_names_of(dataset) -> list[str] | None:
+    """A dataset's class names in label order: Kinetics names, Charades codes (None: unknown)."""
+    classes = getattr(dataset, "classes", None)
+    if not classes:
+        return None
+    return [c if isinstance(c, str) else str(c[0]) for c in classes]
+
+
+def _resume_state(cfg, folder: str, n_classes: int, class_names, train_samples: int, log):
+    """(path, state) of the checkpoint to resume from, None to start fresh.
+
+    The newest intact checkpoint is used (corrupt ones passed over, said in the log). A different
+    model or class list stops the run; different schedule settings stop it unless --force-resume.
+    """
+    try:
+        found = checkpoints.newest_intact(folder)
+    except checkpoints.Corrupt as e:
+        raise SetupError(str(e)) from None
+    if found is None:
+        return None
+    path, state, notes = found
+    for note in notes:
+        log(f"note: {note}")
+    names = state.get("class_names")
+    model = [f"model: checkpoint X3D-{state['x3d_version']} with {state['n_classes']} classes, now "
+             f"X3D-{cfg.x3d_version} with {n_classes}"] if (state["x3d_version"], state["n_classes"]) != (
+        cfg.x3d_version, n_classes) else []
+    if not model and names and class_names and list(names) != list(class_names):
+        model = [f"class names (index order): checkpoint {names[:5]}..., now {class_names[:5]}..."]
+    schedule = checkpoints.schedule_differences(state.get("config", {}), vars(cfg), train_samples,
+                                                state.get("train_samples"))
+    new_run = (f"choose another --run-name for a new run (or move {run_dir_for(cfg)} away and "
+               "rerun)")
+    if model:
+        raise SetupError(f"{path} cannot be resumed by this run: {'; '.join(model)}; {new_run}")
+    if schedule and not getattr(cfg, "force_resume", False):
+        raise SetupError(f"{path} was written with other settings that change the schedule: "
+                         f"{'; '.join(schedule)}. Rerun with the checkpoint's settings to resume, "
+                         f"{new_run}, or add --force-resume to continue it under the new settings")
+    if schedule:
+        log(f"warning: --force-resume: continuing {path} under new settings: {'; '.join(schedule)}")
+    return path, state
 
 
 class _EpochChain(torch.utils.data.Sampler):
@@ -791,19 +963,20 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run_dir = run_dir_for(cfg)
-    log = RunLog(run_dir, d.main)
-    last_path = os.path.join(run_dir, "checkpoints", "last.pt")
-    resume = cfg.resume and os.path.exists(last_path)
-    if not cfg.resume and os.path.exists(last_path):
-        raise SetupError(f"{last_path} exists and --no-resume was given: choose another "
+    log = RunLog(run_dir, d.main, create=False)  # the folder is made once every check passed
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    last_path = os.path.join(ckpt_dir, "last.pt")
+    if not cfg.resume and checkpoints.candidates(ckpt_dir):
+        raise SetupError(f"{ckpt_dir} holds checkpoints and --no-resume was given: choose another "
                          "--run-name or move that folder away")
-    log(f"run folder {run_dir}; {d.world} process(es) on {d.device.type}; "
-        f"{'resuming from ' + last_path if resume else 'starting fresh'}")
-
-    train_ds, val_ds, test_ds = task.build_datasets(cfg, log)
     if d.main:
-        _atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(cfg), indent=2))
+        for path in checkpoints.remove_temp_files(run_dir) + checkpoints.remove_temp_files(ckpt_dir):
+            log(f"removed {path}: a write cut short by a kill or a failed write")
+    log(f"run folder {run_dir}; {d.world} process(es) on {d.device.type}")
+
+    train_ds, val_ds, test_ds = load_datasets(task, cfg, log)
     n_classes = task.n_classes(train_ds)
+    class_names = class_names_of(train_ds)
     model = build_model(cfg, task, n_classes, log)
     try:
         plan = make_plan(cfg, d)
@@ -811,6 +984,11 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
                                                   world_size=d.world, seed=cfg.seed)
     except ValueError as e:
         raise SetupError(f"Multigrid settings: {e}") from None
+    resume = _resume_state(cfg, ckpt_dir, n_classes, class_names, len(train_ds), log) if cfg.resume else None
+    log.open()
+    log(f"resuming from {resume[0]}" if resume else "starting fresh")
+    if d.main:
+        _atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(vars(cfg), indent=2))
     log("Multigrid plan:\n" + plan.describe(world_size=d.world, num_samples=len(train_ds)))
     if d.main:
         multigrid.plot_schedule(plan, os.path.join(run_dir, "multigrid_schedule.png"),
@@ -825,21 +1003,22 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
                                 nesterov=cfg.nesterov and cfg.momentum > 0)
     scaler = torch.amp.GradScaler(d.device.type) if cfg.precision == "fp16" else None
     epoch, iteration, step, best = 0, 0, 0, None
+    counters = {"decode_failures": 0, "dropped": 0}
     if resume:
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-        if (ckpt["x3d_version"], ckpt["n_classes"]) != (cfg.x3d_version, n_classes):
-            raise SetupError(
-                f"{last_path} holds X3D-{ckpt['x3d_version']} with {ckpt['n_classes']} classes, "
-                f"but this run is X3D-{cfg.x3d_version} with {n_classes}: choose another "
-                "--run-name, or --no-resume after moving that folder away")
+        ckpt = resume[1]
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         epoch, iteration, step, best = ckpt["epoch"], ckpt["iteration"], ckpt["step"], ckpt["best"]
+        counters.update(ckpt.get("counters") or {})
+        if epoch < plan.max_epoch and iteration >= sampler.iterations_in_epoch(epoch):
+            epoch, iteration = epoch + 1, 0  # --force-resume onto a plan with shorter epochs
         set_rng_state(ckpt["rng"])
         log.truncate_after(step)
-        log(f"resumed at epoch {epoch} iteration {iteration} (step {step})")
+        log(f"resumed at epoch {epoch} iteration {iteration} (step {step}); "
+            f"{counters['decode_failures']} decode failures replaced so far")
+        del ckpt, resume
     model.to(d.device)
     if cfg.fast_depthwise and d.device.type == "cpu":
         log(f"fast CPU depthwise backward (x3d_kernels) on {x3d_kernels.use_fast_depthwise(model)} convolutions")
@@ -858,10 +1037,15 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
 
     def snapshot(e: int, i: int, s: int) -> dict:
         return _checkpoint_state(model, optimizer, scaler, cfg, task, n_classes, e, i, s, best,
-                                 class_names_of(train_ds))
+                                 class_names, train_samples=len(train_ds),
+                                 counters={"decode_failures": totals["failures_all"],
+                                           "dropped": totals["dropped"]})
 
     phase = None
-    totals = {"failures": 0, "dropped": 0}
+    # failures: this rank's decode failures (rank 0 also carries the resumed count); failures_all:
+    # the sum over ranks at the last log window, which checkpoints store
+    totals = {"failures": counters["decode_failures"] if d.main else 0,
+              "failures_all": counters["decode_failures"], "dropped": counters["dropped"]}
     t_start = plotted = time.time()
     epochs.start(epoch, iteration)
     run_iters = sum(sampler.iterations_in_epoch(e) for e in range(plan.max_epoch))
@@ -915,7 +1099,7 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
     if len(set(fingerprints)) > 1:
         log(f"warning: the ranks hold different weights: {fingerprints}")
     log(f"training done: {step} iterations in {time.time() - t_start:.0f} s, "
-        f"{totals['failures']} decode failures replaced, {totals['dropped']} samples dropped "
+        f"{totals['failures_all']} decode failures replaced, {totals['dropped']} samples dropped "
         "(epoch remainders that do not fill a batch)")
     results = None
     _precise_bn(model, train_ds, cfg, d, plan.max_epoch, plan.phase(plan.max_epoch - 1).bn_splits)
@@ -985,13 +1169,10 @@ def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips
     """Log the mean loss, throughput and time left after the last iterations; stop on a non-finite loss."""
     bad, loss, failures = d.sum([float(window["bad"].item()), window["loss"].item() / window["n"],
                                  float(totals["failures"])])
+    totals["failures_all"] = int(failures)
     if bad:
-        raise FloatingPointError(
-            f"non-finite loss at epoch {epoch}, within the {window['n']} iterations before "
-            f"iteration {iteration} (step {step}); the run stopped and its last checkpoint "
-            f"({os.path.join(run_dir_for(cfg), 'checkpoints', 'last.pt')}) holds the last good "
-            "state. Lower --base-lr, lengthen --warmup-epochs or check the data, then rerun to "
-            "resume from it.")
+        raise checkpoints.NonFinite(f"non-finite loss at epoch {epoch}, within the {window['n']} "
+                                    f"iterations before iteration {iteration} (step {step})")
     elapsed = time.time() - window["t0"]
     rec = {"kind": "train", "step": step, "epoch": epoch, "iteration": iteration,
            "epoch_float": epoch + iteration / n_iter, "loss": loss / d.world, "lr": lr,
@@ -1005,8 +1186,8 @@ def _flush_window(window, cfg, d, log, epoch, iteration, n_iter, step, lr, clips
     if step % cfg.log_period == 0 or iteration == n_iter:
         log(f"epoch {epoch} it {iteration}/{n_iter} loss {rec['loss']:.4f} lr {lr:.4g} "
             f"shape {rec['batch']}x{rec['frames']}x{rec['crop']}^2 "
-            f"{rec['clips_per_s']:.1f} clips/s data-wait {100 * rec['data_wait']:.0f}%; "
-            f"training {progress.status()}")
+            f"{rec['clips_per_s']:.1f} clips/s data-wait {100 * rec['data_wait']:.0f}% "
+            f"decode failures {rec['decode_failures']}; training {progress.status()}")
     window.update(loss=0.0, n=0, clips=0, wait=0.0, t0=time.time(), bad=None)
 
 
@@ -1025,13 +1206,14 @@ def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
     Writes log.txt, results.json and the task's per-video files to `eval_dir_for(cfg)`.
     """
     out = eval_dir_for(cfg)
-    log = RunLog(out, d.main, subdirs=())
+    log = RunLog(out, d.main, create=False, subdirs=())  # no folder for a refused evaluation
     if describe_adopted(cfg):
         log("settings " + describe_adopted(cfg))
-    _, _, test_ds = task.build_datasets(cfg, log, test_only=True)
+    _, _, test_ds = load_datasets(task, cfg, log, test_only=True)
     cfg.pretrained = ""  # the checkpoint's weights replace any initial weights
     model = build_model(cfg, task, task.n_classes(test_ds), log)
     log(f"evaluating {cfg.checkpoint}: {_summary(_load(model, cfg.checkpoint))}")
+    log.open()
     model.to(d.device)
     results = task.test(model, test_ds, cfg, d, log, out)
     if d.main:
@@ -1041,12 +1223,40 @@ def evaluate_checkpoint(cfg, d: Dist, task: Task) -> dict | None:
     return results
 
 
+# Write errors that stop a run with one line (permission errors only for files in the run folder).
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _stop_message(e: BaseException, cfg) -> str | None:
+    """The one-line message for an error that ends a run cleanly, or None for a bug (traceback)."""
+    run_dir = run_dir_for(cfg)
+    if isinstance(e, SetupError):
+        return str(e)
+    if isinstance(e, checkpoints.NonFinite):
+        return (f"{e}; the run stopped (nothing non-finite is ever written). Last good checkpoint: "
+                f"{checkpoints.last_written(os.path.join(run_dir, 'checkpoints'))}. Lower --base-lr "
+                "or lengthen --warmup-epochs (or check the data), then rerun to resume from it; a "
+                "large |value| there means the divergence began earlier: start a new --run-name")
+    if isinstance(e, video_io.TooManyFailures):
+        # from a DataLoader worker the text is the worker's traceback: its last line is the message
+        text = str(e).strip().splitlines()[-1]
+        return text.split("TooManyFailures: ", 1)[-1] + " The run stopped; rerun to resume from its last checkpoint."
+    if isinstance(e, OSError) and (e.errno in _NO_SPACE or (
+            e.errno in (errno.EACCES, errno.EPERM)
+            and os.path.abspath(str(e.filename or "")).startswith(os.path.abspath(run_dir)))):
+        return checkpoints.write_failed_message(str(e.filename or run_dir), e)
+    return None
+
+
 def _worker(cfg, d: Dist, task: Task) -> None:
     try:
         (evaluate_checkpoint if cfg.eval_only else train)(cfg, d, task)
-    except SetupError as e:
-        if d.main:
-            print(f"error: {e}", file=sys.stderr)
+    except (SetupError, checkpoints.NonFinite, video_io.TooManyFailures, OSError) as e:
+        message = _stop_message(e, cfg)
+        if message is None:
+            raise
+        if d.main or isinstance(e, video_io.TooManyFailures):  # the others stop on every rank
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -1064,6 +1274,7 @@ def main(task: Task, constants: dict, argv=None, description: str = "") -> None:
     """Parse the script's constants and command line, then train / evaluate as configured."""
     cfg = parse_config(constants, argv, description)
     try:
+        check_flag_values(cfg)
         predict = getattr(cfg, "predict", "")
         if predict and task.predict is None:
             raise SetupError(f"{task.name}: --predict is not available for this script")

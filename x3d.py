@@ -16,7 +16,7 @@ Output contract (input: float (N, C, T, H, W), contiguous or channels_last_3d):
   every Multigrid shape (no rebuild needed), PySlowFast's fixed window for larger test crops.
 
 API: PRESETS, generate_model, set_bn_splits, recompute_bn_stats (precise BN), load_pretrained,
-save_checkpoint, model_complexity, parameter_groups; model.replace_logits(n),
+save_checkpoint, model_complexity, parameter_groups, WIDTH_DIVISORS; model.replace_logits(n), model.set_width_divisor(d),
 model.set_activation_checkpointing(on), model.positions(x) -> (N, T', H', W', n_classes).
 
 Command line: ``python x3d.py table`` prints params / GMACs; ``python x3d.py convert --version M
@@ -67,6 +67,11 @@ HEAD_WIDTH = 2048
 SE_RATIO = 1 / 16
 _BASE_WIDTH = 12  # PySlowFast X3D.DIM_C1
 _BASE_DEPTHS = (1, 2, 5, 3)  # res2..res5 before the depth factor
+# Stem and stage widths round to multiples of 8 in the 2020 X3D code (the default here) and to
+# whole channels (divisor 1) in PySlowFast's code since June 2021. Only XL differs: its stage
+# widths are 32/72/136/280 (11,095,904 params) vs 35/70/139/278 (11,087,571); XS-L have
+# multiples of 8 either way. The squeeze-excite width keeps divisor 8 in both.
+WIDTH_DIVISORS = (8, 1)
 
 
 def round_width(width, multiplier, min_width=8, divisor=8):
@@ -264,27 +269,38 @@ class X3D(nn.Module):
     PySlowFast's architecture exactly: 3,794,322 parameters for XS/S/M, 6,153,432 for L, 11,095,904
     for XL; 0.6053 / 1.9629 / 4.7325 / 18.3677 GMACs at the train crop; eval outputs equal
     pytorchvideo's create_x3d to 1e-5 with converted weights (tests/test_x3d_parity.py).
+    width_divisor (see WIDTH_DIVISORS): 8 builds the 2020 X3D code's widths, 1 PySlowFast's
+    current rounding (XL: 11,087,571 parameters); load_pretrained picks the one a checkpoint has.
     Deliberate differences: the head's pool kernel is capped at the feature size (PySlowFast
     rebuilds the model per Multigrid shape instead); forward returns logits in eval too (PySlowFast
     returns probabilities there; predict does); Swish is F.silu (same function).
     """
 
     def __init__(self, version, n_classes=400, n_input_channels=3, dropout=0.5, base_bn_splits=1,
-                 task="class", multi_label=False):
+                 task="class", multi_label=False, width_divisor=8):
         """Build X3D-<version> (XS, S, M, L, XL) for task 'class' or 'loc'."""
         super().__init__()
         if version not in PRESETS:
             raise ValueError(f"unknown X3D version {version!r}; choose one of {sorted(PRESETS)}")
         if task not in ("class", "loc"):
             raise ValueError(f"unknown task {task!r}; choose 'class' or 'loc'")
+        if width_divisor not in WIDTH_DIVISORS:
+            raise ValueError(f"width_divisor={width_divisor!r}: choose 8 (2020 X3D code) or 1 "
+                             f"(PySlowFast's current code)")
         self.version, self.task, self.multi_label = version, task, multi_label
-        self.preset = p = PRESETS[version]
+        self.preset = PRESETS[version]
         self.checkpointing = False
-        k = base_bn_splits
-        dim = round_width(_BASE_WIDTH, p.width_factor)
+        self._build(n_input_channels, n_classes, dropout, base_bn_splits, width_divisor)
+        self.reset_parameters()
+
+    def _build(self, n_input_channels, n_classes, dropout, k, width_divisor):
+        """Create (or replace) the stem, the four stages and the head at the given width rounding."""
+        p, d = self.preset, width_divisor
+        self.width_divisor = d
+        dim = round_width(_BASE_WIDTH, p.width_factor, d, d)
         self.stem = X3DStem(n_input_channels, dim, k)
         for i, base_depth in enumerate(_BASE_DEPTHS):
-            dim_out = round_width(_BASE_WIDTH * 2 ** i, p.width_factor)
+            dim_out = round_width(_BASE_WIDTH * 2 ** i, p.width_factor, d, d)
             dim_inner = int(BOTTLENECK_FACTOR * dim_out)
             depth = int(math.ceil(p.depth_factor * base_depth))
             blocks = [X3DBlock(dim if j == 0 else dim_out, dim_inner, dim_out, 2 if j == 0 else 1, j % 2 == 0, k)
@@ -292,8 +308,23 @@ class X3D(nn.Module):
             self.add_module(f"s{i + 2}", nn.Sequential(*blocks))
             dim = dim_out
         side = int(math.ceil(p.train_crop / 32))
-        self.head = X3DHead(dim, dim_inner, n_classes, (p.frames, side, side), dropout, k, task == "loc")
+        self.head = X3DHead(dim, dim_inner, n_classes, (p.frames, side, side), dropout, k, self.task == "loc")
+
+    def set_width_divisor(self, width_divisor):
+        """Rebuild every layer at another width rounding (fresh init; classes, dropout, splits, device, dtype, mode kept).
+
+        Parameters change: call it (or load_pretrained, which calls it) before making the optimizer.
+        """
+        if width_divisor not in WIDTH_DIVISORS:
+            raise ValueError(f"width_divisor={width_divisor!r}: choose one of {WIDTH_DIVISORS}")
+        if width_divisor == self.width_divisor:
+            return
+        ref = self.stem.conv_xy.weight
+        self._build(self.stem.conv_xy.in_channels, self.n_classes, self.head.dropout.p, self.stem.bn.num_splits,
+                    width_divisor)
         self.reset_parameters()
+        self.to(device=ref.device, dtype=ref.dtype)
+        self.train(self.training)
 
     @property
     def n_classes(self):
@@ -376,9 +407,9 @@ def _frozen_bn_stats(module):
 
 
 def generate_model(x3d_version, n_classes=400, n_input_channels=3, dropout=0.5, base_bn_splits=1, task="class",
-                   multi_label=False):
+                   multi_label=False, width_divisor=8):
     """Build an X3D model (see X3D); base_bn_splits is the initial SubBatchNorm3d split count."""
-    return X3D(x3d_version, n_classes, n_input_channels, dropout, base_bn_splits, task, multi_label)
+    return X3D(x3d_version, n_classes, n_input_channels, dropout, base_bn_splits, task, multi_label, width_divisor)
 
 
 def set_bn_splits(model, k):
@@ -638,6 +669,10 @@ def load_pretrained(model, path_or_state_dict, strict_classes=False):
     version = meta.get("x3d_version")
     if version is not None and getattr(model, "version", version) != version:
         raise ValueError(f"{where}: checkpoint is X3D-{version} but the model is X3D-{model.version}")
+    note = _match_width_divisor(model, sd)
+    if note:
+        notes.append(note)
+        target = model.state_dict()
     if fmt == "pytorchvideo" and "s2.0.shortcut_bn.weight" not in sd:
         ref = target["s2.0.shortcut_bn.running_var"]
         sd["s2.0.shortcut_bn.weight"] = torch.ones_like(ref)
@@ -668,6 +703,32 @@ def load_pretrained(model, path_or_state_dict, strict_classes=False):
         model.replace_logits(model.n_classes)
     return {"format": fmt, "source": where, "converted": sorted(sd), "missing": [k for k in target if k not in sd],
             "unexpected": [], "classifier_reinitialized": reinit, "notes": notes}
+
+
+def _match_width_divisor(model, sd):
+    """Rebuild an X3D model at the other width rounding when only that one fits sd's shapes; returns a note or None."""
+    if not isinstance(model, X3D):
+        return None
+    skip = ("head.projection.weight", "head.projection.bias")  # the class count may differ
+
+    def fits(shapes):
+        return all(k in skip or k not in shapes or tuple(v.shape) == shapes[k] for k, v in sd.items())
+
+    if fits({k: tuple(v.shape) for k, v in model.state_dict().items()}):
+        return None
+    for d in WIDTH_DIVISORS:
+        if d == model.width_divisor:
+            continue
+        with torch.device("meta"):
+            twin = X3D(model.version, model.n_classes, model.stem.conv_xy.in_channels, task=model.task,
+                       width_divisor=d)
+        if fits({k: tuple(v.shape) for k, v in twin.state_dict().items()}):
+            model.set_width_divisor(d)
+            widths = "/".join(str(model.get_submodule(f"s{i}")[0].c.out_channels) for i in range(2, 6))
+            origin = "PySlowFast's current code" if d == 1 else "the 2020 X3D code"
+            return (f"the checkpoint has X3D-{model.version} widths {widths} ({origin}): model rebuilt "
+                    f"with width_divisor={d}")
+    return None
 
 
 def save_checkpoint(model, path, **extra):

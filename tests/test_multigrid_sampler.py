@@ -185,3 +185,25 @@ def test_real_dataloader_with_two_workers_and_resume():
             assert indices.tolist() == [r.index for r in requests]
             assert seeds.tolist() == [r.seed for r in requests]
     assert isinstance(expected[0][0], ClipRequest)
+
+
+def test_two_processes_drop_the_remainder_where_pyslowfast_pads():
+    # 2 processes, 1007 videos, short cycle at 8 clips per GPU and crop 224: batches 32 / 16 / 8.
+    plan = MultigridPlan(16, 224, 5, 8, 10, [0, 4], 0.1, long_cycle=False)
+    assert plan.phases[0].shapes == ((32, 112), (16, 158), (8, 224))
+    # PySlowFast's DistributedSampler pads 1007 to 1008 with a repeat: 504 per rank, which its
+    # short-cycle batches (drop_last) use up in 504 / (32 + 16 + 8) = 9 cycles, 27 batches.
+    padded = -(-1007 // 2)
+    sizes, used = [], 0
+    while used + (32, 16, 8)[len(sizes) % 3] <= padded:
+        used += (32, 16, 8)[len(sizes) % 3]
+        sizes.append((32, 16, 8)[len(sizes) % 3])
+    assert (padded, len(sizes), used) == (504, 27, 504)
+    # This sampler: 1007 // 2 = 503 per rank, 8 cycles (448) + 32 + 16 = 496 in 26 batches.
+    samplers = [MultigridBatchSampler(1007, plan, rank=r, world_size=2) for r in range(2)]
+    per_rank = [epoch_batches(s, 0) for s in samplers]
+    assert [len(b) for b in per_rank] == [26, 26]
+    assert [sum(len(batch) for batch in b) for b in per_rank] == [496, 496]
+    assert samplers[0].per_rank == 503 and samplers[0].dropped_in_epoch(0) == 1007 - 2 * 496
+    indices = [r.index for b in per_rank for batch in b for r in batch]
+    assert len(indices) == len(set(indices)) == 992

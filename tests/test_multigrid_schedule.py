@@ -9,7 +9,8 @@ from multigrid import MultigridPlan, long_cycle_schedule, multigrid_lr_steps, sc
 
 STEPWISE = dict(steps=[0, 94, 154, 196], max_epoch=239, frames=32, crop=224)
 
-# REFERENCE.md: PySlowFast's stepwise multigrid config, (step index, (b, T, S), end epoch).
+# PySlowFast's stepwise multigrid config (SLOWFAST_8x8_R50_stepwise_multigrid: steps [0, 94, 154,
+# 196], max epoch 239, T=32, S=224) as its long cycle schedules it: (step index, (b, T, S), end).
 WORKED_SCHEDULE = [
     (0, (8, 8, 158), 73), (0, (4, 16, 158), 110), (0, (2, 16, 224), 142), (0, (1, 32, 224), 158),
     (1, (8, 8, 158), 205), (1, (4, 16, 158), 228), (1, (2, 16, 224), 248), (1, (1, 32, 224), 259),
@@ -70,7 +71,8 @@ def test_short_cycle_only_scales_steps_and_max_epoch():
     assert plan.relative_lrs == [1, 0.1, 0.1 ** 2, 0.1 ** 3]
     assert [(p.start_epoch, p.end_epoch) for p in plan.phases] == [(0, 141), (141, 231),
                                                                     (231, 294), (294, 358)]
-    # REFERENCE.md: at crop 224 and batch 16 the short cycle runs 64 / 32 / 16 at 112 / 158 / 224.
+    # PySlowFast's short cycle at crop 224 and batch 16: round((224 / (f x 224))^2) x 16 clips at
+    # crop round(f x 224) for f = 0.5, 0.707, then the base: 64 / 32 / 16 at 112 / 158 / 224.
     assert all(p.shapes == ((64, 112), (32, 158), (16, 224)) for p in plan.phases)
     assert all(p.bn_splits == 1 and p.frames == 32 and p.max_rate == 2 for p in plan.phases)
     assert [plan.iteration_shape(5, i) for i in range(4)] == [
@@ -198,6 +200,105 @@ def test_scale_lr_linear_rule():
         scale_lr(0.1, 128, 0)
 
 
+def pyslowfast_cosine_lr(epoch, base_lr, max_epoch, warmup_epochs, warmup_start_lr):
+    """PySlowFast's get_lr_at_epoch for lr_func_cosine (COSINE_END_LR 0, no offset), restated."""
+    def cosine(e):
+        return base_lr * (math.cos(math.pi * e / max_epoch) + 1.0) * 0.5
+    if epoch < warmup_epochs:
+        return epoch * (cosine(warmup_epochs) - warmup_start_lr) / warmup_epochs + warmup_start_lr
+    return cosine(epoch)
+
+
+def x3d_m_plan(**kwargs):
+    """The X3D-M recipe of `python multigrid.py --preset x3d-m` (8 GPUs of 16 clips)."""
+    config = dict(multigrid.PRESETS["x3d-m"])
+    config.pop("gpus")
+    return MultigridPlan(**config, **kwargs)
+
+
+def test_cosine_long_cycle_switch_gives_pyslowfast_lr_exactly():
+    # PySlowFast with SOLVER.STEPS given runs the long cycle with cosine: MAX_EPOCH becomes the
+    # schedule's last end (300 -> 450) and the LR is BASE_LR x cosine, with no batch factor.
+    ours, theirs = x3d_m_plan(), x3d_m_plan(cosine_batch_factor=False)
+    assert ours.max_epoch == theirs.max_epoch == 450
+    assert [p[:9] for p in ours.phases] == [p[:9] for p in theirs.phases]
+
+    def reference(epoch):
+        return pyslowfast_cosine_lr(epoch, 0.1, 450, 35.0, 0.01)
+
+    points = [e + f for e in range(450) for f in (0.0, 0.25, 0.5, 0.999)]
+    for epoch in points:
+        assert theirs.lr_at(epoch) == pytest.approx(reference(epoch), rel=1e-12, abs=1e-15)
+    assert round(theirs.lr_at(0.25), 6) == 0.010632 and round(ours.lr_at(0.25), 6) == 0.015558
+    # After warm-up the default is exactly the phase's batch factor x PySlowFast's LR.
+    factors = set()
+    for epoch in points:
+        if epoch >= 35:
+            factor = ours.phase(int(epoch)).batch_factor
+            factors.add(factor)
+            assert ours.lr_at(epoch) == pytest.approx(factor * reference(epoch), rel=1e-12)
+    assert factors == {1, 2, 4, 8}
+    differing = [e for e in range(450)
+                 if any(abs(ours.lr_at(e + f) - reference(e + f)) > 1e-12 for f in (0.25, 0.5))]
+    assert len(differing) == 371
+    # Without the long cycle the switch changes nothing (the batch factor is 1).
+    plain = [stepwise_plan(long_cycle=False, lr_policy="cosine", cosine_batch_factor=flag)
+             for flag in (True, False)]
+    assert [plain[0].lr_at(e) for e in (0, 100.5, 300)] == [plain[1].lr_at(e) for e in (0, 100.5, 300)]
+    assert "cosine without batch factor (PySlowFast)" in theirs.describe().splitlines()[0]
+    assert "cosine x batch factor" in ours.describe().splitlines()[0]
+    with pytest.raises(ValueError, match="cosine_batch_factor must be True or False, got 0"):
+        x3d_m_plan(cosine_batch_factor=0)
+
+
+def demo_plan():
+    """The Kinetics demo's plan: T=16, S=48, 8 clips, steps [0, 17, 19] over 20 epochs, no short cycle."""
+    return MultigridPlan(16, 48, 2, 8, 20, [0, 17, 19], 0.05, short_cycle=False, bn_base_size=4,
+                         warmup_epochs=2.0, warmup_start_lr=0.005)
+
+
+def test_zero_epoch_phases_match_pyslowfast_rounding_and_are_left_out():
+    # By hand, PySlowFast's arithmetic: shapes (4, 34), (8, 34), (8, 48), (16, 48) with batch
+    # factors 8, 4, 2, 1 (sum 15); step epochs 17 and 2 give unscaled ends 136/15, 204/15, 238/15,
+    # 255/15, 271/15, 279/15, 283/15, 285/15; iterations 76/15, saving 19 / (76/15) = 3.75,
+    # fine-tune 1 / 3.75 = 4/15 (end 289/15); scale 30 / (289/15). Ends x 30/289: 14.12, 21.18,
+    # 24.71, 26.47, 28.13, 28.96, 29.38, 29.58, 30 -> int(round()) 14, 21, 25, 26, 28, 29, 29, 30,
+    # 30: phases 6 (29-29) and 8 (30-30) have zero epochs in PySlowFast too.
+    plan = demo_plan()
+    ends = [p.end_epoch for p in plan.phases]
+    assert ends == [14, 21, 25, 26, 28, 29, 29, 30, 30]
+    assert [p.index for p in plan.trained_phases] == [0, 1, 2, 3, 4, 5, 7]
+    # No epoch trains in them (PySlowFast's get_current_long_cycle_shape: first end > epoch).
+    assert [plan.phase(e).index for e in range(24, 30)] == [2, 3, 4, 4, 5, 7]
+    table = plan.describe(num_samples=384).splitlines()
+    assert [line.split()[0] for line in table[3:-1]] == ["0", "1", "2", "3", "4", "5", "7"]
+    assert table[-1] == ("(zero-epoch phases 6 (29-29), 8 (30-30) never train (PySlowFast's "
+                         "rounding of the phase ends gives them too) and are left out)")
+    assert plan.zero_epoch_note() and not stepwise_plan().zero_epoch_note()
+    assert "left out" not in stepwise_plan().describe()
+
+
+def test_schedule_figure_leaves_out_zero_phases_keeps_the_legend_off_the_curves():
+    import matplotlib.pyplot as plt
+    fig = multigrid.schedule_figure(demo_plan(), num_samples=384)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = fig.axes
+        assert len(axes) == 5 and all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
+        assert all(label.get_visible() and label.get_text()
+                   for ax in axes for label in ax.get_xticklabels()[1:-1])
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert not any(legend.overlaps(ax.get_window_extent(renderer)) for ax in axes)
+        assert "6 (29-29), 8 (30-30)" in fig._suptitle.get_text().replace("\n", " ")
+        # The batch curve steps through the trained phases only: no spike for phase 6 at epoch 29.
+        xs, ys = axes[0].lines[0].get_data()
+        assert list(xs) == [0, 14, 21, 25, 26, 28, 29, 30]
+        assert list(ys) == [64, 32, 16, 8, 64, 32, 8, 8]
+    finally:
+        plt.close(fig)
+
+
 def test_describe_and_cli_table(capsys):
     table = stepwise_plan().describe(world_size=8, num_samples=240000)
     lines = table.splitlines()
@@ -214,10 +315,12 @@ def test_describe_and_cli_table(capsys):
         multigrid.main(["--batch-per-gpu", "2"])
 
 
-def test_cli_writes_plot(tmp_path):
+def test_cli_writes_plot(tmp_path, capsys):
     path = tmp_path / "schedule.png"
     multigrid.main(["--preset", "x3d-m", "--num-samples", "240000", "--plot", str(path)])
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width > 600 and height > 600
+    multigrid.main(["--preset", "x3d-m", "--no-cosine-batch-factor"])
+    assert "cosine without batch factor (PySlowFast)" in capsys.readouterr().out

@@ -213,6 +213,39 @@ def test_command_line_writes_and_reports_errors(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
 
 
+def test_command_line_takes_class_names_and_difficulty_overrides(tmp_path, capsys):
+    """--classes names and --difficulty NAME,field=value reach the dataset's manifest; a bad one exits 2 naming it."""
+    argv = ["charades", "--out", str(tmp_path), "--classes", "growing,moving right", "--difficulty",
+            "demo,speed=1.5,distractors=0:1", "--train-videos", "1", "--test-videos", "1", "--min-seconds", "1",
+            "--max-seconds", "1", "--width", "32", "--height", "32"]
+    assert sd.main(argv) == 0
+    manifest = json.loads(capsys.readouterr().out)["manifest"]
+    with open(manifest, encoding="utf-8") as handle:
+        config = json.load(handle)["config"]
+    assert config["classes"] == ["growing", "moving right"]
+    assert config["difficulty"] == {**dataclasses.asdict(sd.DIFFICULTIES["demo"]), "speed": 1.5, "distractors": [0, 1]}
+    for flag, value, message in (("--classes", "growing,jumping", "(['jumping'] unknown)"),
+                                 ("--difficulty", "demo,actors=many", "'many' is not a number")):
+        with pytest.raises(SystemExit) as exit_info:
+            sd.main(argv[:argv.index(flag) + 1] + [value] + argv[argv.index(flag) + 2:] + ["--overwrite"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_parse_classes_and_difficulty():
+    """A count or names; a preset with typed overrides (actors an int, distractors a range)."""
+    assert sd.parse_classes("3") == 3 and sd.parse_classes(" growing , shrinking ") == ["growing", "shrinking"]
+    assert sd.class_arguments(3) == {"num_classes": 3} and sd.class_arguments(("growing",)) == {"classes": ["growing"]}
+    with pytest.raises(ValueError, match="distinct"):
+        sd.parse_classes("growing,growing")
+    hard = sd.parse_difficulty("hard,actors=2,noise=0")
+    assert hard == dataclasses.replace(sd.DIFFICULTIES["hard"], actors=2, noise=0.0) and type(hard.actors) is int
+    assert sd.parse_difficulty("demo") == sd.DIFFICULTIES["demo"]
+    for text, message in (("demo,blur=2", "expected field=value"), ("demo,speed", "expected field=value"),
+                          ("demo,distractors=1", "low:high"), ("brutal", "unknown difficulty")):
+        with pytest.raises(ValueError, match=message):
+            sd.parse_difficulty(text)
+
+
 def shift_all(mask, reduce):
     """Reduce (np.all / np.any) each pixel's 3x3 neighbourhood of a boolean (T, H, W) mask; outside counts as False."""
     padded = np.pad(mask, ((0, 0), (1, 1), (1, 1)))
