@@ -416,7 +416,7 @@ def test_validation_labels_map_by_name_onto_training_classes(data, baseline, tmp
     code, err = _main_in_process(data, tmp_path, "--eval-only", **{
         "checkpoint": final, "val-annotations": str(subset), "class-list": None})
     assert code == 0, err
-    predictions = (tmp_path / "refused" / "test_predictions.csv").read_text().splitlines()
+    predictions = (tmp_path / "refused" / "eval_final" / "test_predictions.csv").read_text().splitlines()
     assert predictions[1].split(",")[1] == f'"{second}"', predictions
 
     video = predictions[1].split(",")[0].strip('"')
