@@ -13,7 +13,7 @@ import video_io
 from charades import CharadesDataset
 from kinetics_multigrid import KineticsDataset
 from test_charades_data import write_csv
-from test_video_io import coded_frame, decoded_number, encode_video, flat_frame, flat_number, write_jpeg_folder
+from test_video_io import coded_frame, decoded_number, encode_video, flat_frame, write_jpeg_folder
 from video_io import VideoDecodeError
 
 # a frame that no turn or mirror maps onto itself: four quadrants of different colours, a bright corner
