@@ -30,7 +30,7 @@ import torch.utils.data
 import transforms as T
 import video_io
 from multigrid import check_request
-from video_io import READABLE_EXTENSIONS, VideoDecodeError, open_video, read_image_frames
+from video_io import READABLE_EXTENSIONS, VideoDecodeError, open_video, read_drawn, read_image_frames
 
 NUM_CLASSES = 157
 FPS = 24
@@ -556,7 +556,7 @@ def score_submission(kind: str, annotations, submission, classes=None) -> float:
 PADDING = -1.0  # per-frame target value of clip positions outside the video (masked out of the loss)
 
 
-class _FrameList:
+class _FrameList(video_io._Source):
     """The JPEG frames of one Charades video (``<id>-000001.jpg`` ..., contiguous), read like a video."""
 
     def __init__(self, folder: str, video: CharadesVideo, fps: float):
@@ -581,13 +581,6 @@ class _FrameList:
                         f"({last - len(numbered)} of {last} frames missing); {video.where()}")
         self.files = [os.path.join(folder, numbered[k]) for k in range(1, last + 1)]
         self.num_frames, self.fps = last, float(fps)
-
-    def __enter__(self):
-        """Context-manager entry (nothing to release)."""
-        return self
-
-    def __exit__(self, *exc):
-        """Context-manager exit."""
 
     @functools.cached_property
     def size(self):
@@ -781,12 +774,12 @@ class CharadesDataset(torch.utils.data.Dataset):
                 start = int(math.floor((n - 1 - (frames - 1) * step) / 2))
             pos = clip_positions(start, frames, step)
             idx = np.clip(np.floor(pos), 0, n - 1).astype(np.int64)
-            plan = None
             if self.mode == "train":  # spatial draws before decoding: decode no larger than they need
                 short_range = T.multigrid_short_side_range(self.short_side, crop, self.crop)
-                plan = T.draw_train_crop(src.height, src.width, crop, short_range, generator,
-                                         self.inverse_uniform, self.random_flip)
-            clip = src.read(idx, min_short_side=plan.short_side if plan else crop)
+                clip, plan = read_drawn(src, idx, lambda height, width: T.draw_train_crop(
+                    height, width, crop, short_range, generator, self.inverse_uniform, self.random_flip), generator)
+            else:
+                clip, plan = src.read(idx, min_short_side=crop), None
         target = self._target(index, pos, idx, n, src.fps)
         if plan is None:
             return T.to_cthw(T.scale_uniform_crop(clip, crop, 1)), target

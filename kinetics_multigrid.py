@@ -22,7 +22,7 @@ import torch.utils.data
 
 import transforms as T
 import video_io
-from video_io import IMAGE_EXTENSIONS, READABLE_EXTENSIONS, VideoDecodeError, open_video
+from video_io import IMAGE_EXTENSIONS, READABLE_EXTENSIONS, VideoDecodeError, open_video, read_drawn
 
 from multigrid import ClipRequest, check_request  # noqa: F401 - ClipRequest: the request type; any object with its five fields works
 
@@ -377,31 +377,36 @@ class KineticsDataset(torch.utils.data.Dataset):
 
     def _decode(self, index, frames, crop, max_rate, generator):
         """(uint8 (frames, H, W, 3) source frames, TrainCrop or None) of video `index`. Training draws
-        everything from the source's header before decoding, in PySlowFast's order (rate, window,
-        short side, crop offsets, flip), so the frames are decoded only as large as the drawn short
-        side needs (store levels, libjpeg / swscale 1/2, 1/4, 1/8) and never smaller."""
+        everything before decoding, in PySlowFast's order (rate, window, short side, crop offsets,
+        flip), so the frames are decoded only as large as the drawn short side needs (store levels,
+        libjpeg / swscale 1/2, 1/4, 1/8) and never smaller (video_io.read_drawn)."""
         with open_video(self.path(index), self.frame_fps) as video:
             if self.mode == "train":
-                indices, plan = self._draw(video, frames, crop, max_rate, generator)
-                return video.read(indices, min_short_side=plan.short_side), plan
+                indices = self._draw_window(video, frames, max_rate, generator)
+                return read_drawn(video, indices, self._spatial_draw(crop, generator), generator)
             indices = T.center_window(video.num_frames, frames, self.rate, video.fps, self.target_fps)
             return video.read(indices, min_short_side=crop), None
 
-    def _draw(self, video, frames, crop, max_rate, generator):
-        """(frame indices, TrainCrop) of a training clip of the open `video`: rate from [rate, max_rate]
-        (random.randint, PySlowFast), a random window, then the spatial draws on the source's size."""
+    def _draw_window(self, video, frames, max_rate, generator):
+        """Frame indices of a training clip of the open `video`: rate from [rate, max_rate]
+        (random.randint, PySlowFast), then a random window."""
         rate = int(torch.randint(self.rate, max_rate + 1, (), generator=generator).item())
-        indices = T.random_window(video.num_frames, frames, rate, video.fps, self.target_fps, generator)
+        return T.random_window(video.num_frames, frames, rate, video.fps, self.target_fps, generator)
+
+    def _spatial_draw(self, crop, generator):
+        """draw(height, width) -> TrainCrop: a training clip's short side, crop box and flip at `crop`."""
         short_range = T.multigrid_short_side_range(self.short_side, crop, self.crop)
-        return indices, T.draw_train_crop(video.height, video.width, crop, short_range, generator,
-                                          self.inverse_uniform, self.random_flip)
+        return lambda height, width: T.draw_train_crop(height, width, crop, short_range, generator,
+                                                       self.inverse_uniform, self.random_flip)
 
     def plan(self, request):
-        """(frame indices, TrainCrop) that a training ClipRequest draws, without decoding a frame:
+        """(frame indices, TrainCrop) that a training ClipRequest draws, without decoding the clip:
         the same for a video and for its frame store or frame folder when they share size and rate."""
         index, frames, crop, max_rate, seed = _request_fields(request)
+        generator = torch.Generator().manual_seed(seed)
         with open_video(self.path(index), self.frame_fps) as video:
-            return self._draw(video, frames, crop, max_rate, torch.Generator().manual_seed(seed))
+            indices = self._draw_window(video, frames, max_rate, generator)
+            return indices, self._spatial_draw(crop, generator)(video.height, video.width)
 
     def read_frames(self, index, frames, crop, max_rate, generator):
         """The decode step of one clip alone: uint8 (frames, H, W, 3) source frames of video `index`

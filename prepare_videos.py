@@ -91,46 +91,13 @@ def _is_video_name(name):
     return not name.startswith(".") and name.lower().endswith(VIDEO_EXTENSIONS)
 
 
-def _is_frame_folder(path):
-    """True for a folder that holds frame images."""
-    try:
-        return os.path.isdir(path) and any(name.lower().endswith(IMAGE_EXTENSIONS) for name in os.listdir(path))
-    except OSError:
-        return False
-
-
 def scan_tree(root, skip=()):
     """(entries, ignored) of `<root>/<label>/<file>` and `<root>/<label>/<video>/<frames>`: video
-    file and frame folder entries sorted by path, and the other
-    files found (relative paths). Folders named in `skip` (e.g. the annotation folder) are left out.
-    Raises FileNotFoundError for a missing root, PermissionError naming an unreadable folder and
+    file and frame folder entries sorted by path, and the other files found (relative paths).
+    Folders named in `skip` (e.g. the annotation folder) and hidden names are left out. Raises
+    FileNotFoundError for a missing root, PermissionError naming an unreadable folder and
     ValueError for a tree without videos."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"video root {root} does not exist or is not a folder")
-    entries, ignored = [], []
-    skip = {os.path.realpath(path) for path in skip}
-    for label in sorted(os.listdir(root)):
-        folder = os.path.join(root, label)
-        if not os.path.isdir(folder):
-            ignored.append(label)
-            continue
-        if label.startswith(".") or os.path.realpath(folder) in skip:
-            continue
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError as error:
-            raise PermissionError(f"cannot list label folder {folder}: {error.strerror}") from None
-        for name in names:
-            relative, path = f"{label}/{name}", os.path.join(folder, name)
-            if (_is_video_name(name) and os.path.isfile(path)) or (not name.startswith(".") and _is_frame_folder(path)):
-                entries.append(VideoEntry(relative, label))
-            elif not name.startswith("."):
-                ignored.append(relative)
-    if not entries:
-        raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) or frame folder found under {root}; "
-                         f"expected the layout {os.path.join(root, '<label>', '<file>.mp4')} or "
-                         f"{os.path.join(root, '<label>', '<video>', '<frame>.jpg')}")
-    return entries, ignored
+    return _scan(root, skip, flat=False)
 
 
 def _write_text(path, text):
@@ -361,8 +328,17 @@ def _holds_images(folder):
 def scan_sources(root, skip=()):
     """(entries, ignored) of every video file and JPEG frame folder under `root`, in either layout:
     `<root>/<label>/<video file or frame folder>` (label = folder name) or flat `<root>/<id>` (a video
-    file or frame folder right under root, as Charades_v1_rgb; label ""). Sorted by path; folders in
-    `skip` and hidden names are left out. Raises like `scan_tree`."""
+    file or frame folder right under root, as Charades_v1_rgb; label ""). Raises like `scan_tree`."""
+    return _scan(root, skip, flat=True)
+
+
+def _is_source(path, name):
+    """A video file or a JPEG frame folder."""
+    return _is_video_name(name) and os.path.isfile(path) or os.path.isdir(path) and _holds_images(path)
+
+
+def _scan(root, skip, flat):
+    """scan_tree (flat=False) and scan_sources (flat=True: sources right under root count too)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"video root {root} does not exist or is not a folder")
     entries, ignored = [], []
@@ -371,7 +347,7 @@ def scan_sources(root, skip=()):
         path = os.path.join(root, name)
         if name.startswith(".") or os.path.realpath(path) in skip:
             continue
-        if _is_video_name(name) and os.path.isfile(path) or os.path.isdir(path) and _holds_images(path):
+        if flat and _is_source(path, name):
             entries.append(VideoEntry(name, ""))
         elif not os.path.isdir(path):
             ignored.append(name)
@@ -381,15 +357,16 @@ def scan_sources(root, skip=()):
             except OSError as error:
                 raise PermissionError(f"cannot list label folder {path}: {error.strerror}") from None
             for child in names:
-                relative, full = f"{name}/{child}", os.path.join(path, child)
-                if _is_video_name(child) and os.path.isfile(full) or os.path.isdir(full) and _holds_images(full):
+                relative = f"{name}/{child}"
+                if _is_source(os.path.join(path, child), child):
                     entries.append(VideoEntry(relative, name))
                 elif not child.startswith("."):
                     ignored.append(relative)
     if not entries:
+        flat_layout = f", or flat {os.path.join(root, '<id>')} videos or frame folders" if flat else ""
         raise ValueError(f"no video file ({'/'.join(VIDEO_EXTENSIONS)}) or JPEG frame folder found under {root}; "
-                         f"expected {os.path.join(root, '<label>', '<file>.mp4')}, a frame folder in its place, "
-                         f"or flat {os.path.join(root, '<id>')} frame folders")
+                         f"expected {os.path.join(root, '<label>', '<file>.mp4')} or a frame folder in its "
+                         f"place ({os.path.join(root, '<label>', '<video>', '<frame>.jpg')}){flat_layout}")
     return entries, ignored
 
 

@@ -118,14 +118,10 @@ CONSTANTS = trainer.constants_of(globals(), exclude=("DEMO_SETTINGS", "DEMO_DATA
 
 
 def demo(cfg) -> None:
-    """Generate the synthetic Charades-format dataset; apply the DEMO_SETTINGS not given as flags.
-
-    Dataset flags given with --demo are refused: the demo would replace them.
-    """
-    trainer.refuse_demo_mix(cfg, charades.DATA_SETTINGS, DEMO_DATA)
-    with trainer.setup_errors(f"; delete {DEMO_DATA} to regenerate it"):
-        charades.use_demo_dataset(cfg, DEMO_DATA, **DEMO_DATASET)
-    trainer.apply_demo_settings(cfg, DEMO_SETTINGS)
+    """--demo: write the synthetic Charades-format dataset and train on it (trainer.run_demo)."""
+    trainer.run_demo(cfg, charades.DATA_SETTINGS, DEMO_DATA,
+                     lambda: charades.use_demo_dataset(cfg, DEMO_DATA, **DEMO_DATASET), DEMO_SETTINGS,
+                     hint=f"; delete {DEMO_DATA} to regenerate it")
 
 
 def clip_map(scores, targets) -> dict:

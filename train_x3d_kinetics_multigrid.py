@@ -118,18 +118,14 @@ DATA_SETTINGS = ("train_root", "train_annotations", "val_root", "val_annotations
 
 
 def demo(cfg) -> None:
-    """Generate the synthetic Kinetics-format dataset; apply the DEMO_SETTINGS not given as flags.
-
-    Dataset flags given with --demo are refused: the demo would replace them.
-    """
-    trainer.refuse_demo_mix(cfg, DATA_SETTINGS, DEMO_DATA)
-    with trainer.setup_errors():
+    """--demo: write the synthetic Kinetics-format dataset and train on it (trainer.run_demo)."""
+    def write():
         paths = synthetic_data.make_kinetics(DEMO_DATA, progress=True, overwrite=True,
                                              workers=os.cpu_count() or 1, **DEMO_DATASET)
-    cfg.train_root, cfg.train_annotations = paths["train_root"], paths["train_csv"]
-    cfg.val_root, cfg.val_annotations = paths["val_root"], paths["val_csv"]
-    cfg.class_list = paths["classes"]
-    trainer.apply_demo_settings(cfg, DEMO_SETTINGS)
+        cfg.train_root, cfg.train_annotations = paths["train_root"], paths["train_csv"]
+        cfg.val_root, cfg.val_annotations = paths["val_root"], paths["val_csv"]
+        cfg.class_list = paths["classes"]
+    trainer.run_demo(cfg, DATA_SETTINGS, DEMO_DATA, write, DEMO_SETTINGS)
 
 
 def _dataset(cfg, root, annotations, mode, log, classes=None, classes_from=None):

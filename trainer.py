@@ -644,17 +644,6 @@ def setup_errors(hint: str = ""):
         raise SetupError(f"{e}{hint}") from None
 
 
-def apply_demo_settings(cfg, settings: dict) -> None:
-    """--demo: set each of a script's DEMO_SETTINGS not given as a flag; a missing demo PRETRAINED means from scratch."""
-    for name, value in settings.items():
-        if name.lower() not in cfg.explicit:
-            setattr(cfg, name.lower(), value)
-    if cfg.pretrained and cfg.pretrained == settings.get("PRETRAINED") and not os.path.exists(cfg.pretrained):
-        print(f"demo: {cfg.pretrained} not found (run the demo that writes it first to start from "
-              "its weights): training from scratch")
-        cfg.pretrained = ""
-
-
 @dataclasses.dataclass
 class Task:
     """What differs between Kinetics, Charades classification and Charades localization."""
@@ -740,13 +729,25 @@ def check_paths(cfg, names) -> None:
                          "the top of the script, or try --demo")
 
 
-def refuse_demo_mix(cfg, replaced: tuple, data_dir: str) -> None:
-    """--demo writes and uses its own dataset: a dataset flag given with it is an error, not ignored."""
-    given = [_flag(n) for n in replaced if n in cfg.explicit]
+def run_demo(cfg, data_settings: tuple, data_dir: str, write: Callable, settings: dict,
+             hint: str = "") -> None:
+    """--demo: refuse dataset flags (the demo writes and uses its own dataset in `data_dir`), call
+    `write()` to write it and point cfg's paths at it, then apply the script's demo `settings` not
+    given as flags (a missing demo PRETRAINED means training from scratch)."""
+    given = [_flag(n) for n in data_settings if n in cfg.explicit]
     if given:
         raise SetupError(f"--demo writes and uses its own dataset ({data_dir}), so it would ignore "
                          f"{', '.join(given)}: leave {'it' if len(given) == 1 else 'them'} out, or "
                          "leave out --demo to use your data")
+    with setup_errors(hint):
+        write()
+    for name, value in settings.items():
+        if name.lower() not in cfg.explicit:
+            setattr(cfg, name.lower(), value)
+    if cfg.pretrained and cfg.pretrained == settings.get("PRETRAINED") and not os.path.exists(cfg.pretrained):
+        print(f"demo: {cfg.pretrained} not found (run the demo that writes it first to start from "
+              "its weights): training from scratch")
+        cfg.pretrained = ""
 
 
 def load_datasets(task: Task, cfg, log, test_only: bool = False) -> tuple:

@@ -107,7 +107,12 @@ def orient(array, orientation):
 
 
 class _Source:
-    """Context-manager plumbing shared by VideoFile and FrameFolder."""
+    """What every frame source shares (VideoFile, FrameFolder, frame stores, Charades frame lists): context-manager plumbing and `size_hint`."""
+
+    @property
+    def size_hint(self):
+        """(height, width) known without decoding a frame: the displayed size here (see VideoFile)."""
+        return self.height, self.width
 
     def close(self):
         """Release what the source holds (nothing by default)."""
@@ -190,6 +195,14 @@ class VideoFile(_Source):
             self._orientation = display_orientation(frame)
         except ValueError as error:
             raise VideoDecodeError(self.path, str(error)) from None
+
+    @property
+    def size_hint(self):
+        """(height, width) without decoding: the displayed size once a read has told the orientation,
+        else the coded size (the orientation comes with the first decoded frame)."""
+        if self._orientation is _UNKNOWN:
+            return self._coded_size[1], self._coded_size[0]
+        return self.height, self.width
 
     @property
     def width(self):
@@ -376,6 +389,23 @@ class VideoFile(_Source):
         container, self._container = getattr(self, "_container", None), None
         if container is not None:
             container.close()
+
+
+def read_drawn(source, indices, draw, generator):
+    """(uint8 (T, H, W, 3) frames at `indices`, plan) where plan = draw(height, width) makes a training
+    clip's spatial draws (short side, crop box, flip) with `generator` before decoding, so the frames
+    decode no larger than the drawn short side needs. The draws use `source.size_hint`; a video file
+    found turned by 90 or 270 degrees when its first frame decodes is drawn again on its displayed
+    size from the same generator state and read again (rare, and the same draws as a known size gives)."""
+    state = generator.get_state()
+    size = source.size_hint
+    plan = draw(*size)
+    frames = source.read(indices, min_short_side=plan.short_side)
+    if (source.height, source.width) != size:
+        generator.set_state(state)
+        plan = draw(source.height, source.width)
+        frames = source.read(indices, min_short_side=plan.short_side)
+    return frames, plan
 
 
 def video_info(path):

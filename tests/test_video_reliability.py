@@ -289,3 +289,21 @@ def test_frame_store_of_a_rotated_video_holds_its_frames_upright(tmp_path):
         assert (frames.width, frames.height) == (48, 64)
         stored = frames.read(range(6)).numpy().astype(int)
     assert np.abs(stored - loader).mean() < 3  # JPEG of the upright frames, not of the stored ones
+
+
+@needs_display_matrix_writer
+def test_training_draws_of_a_rotated_video_use_its_displayed_size(tmp_path):
+    """The draws are made before decoding on the coded size; a phone video found turned when its first
+    frame decodes is drawn again on the displayed size, from the same generator state."""
+    import transforms as T
+    path = write_rotated(tmp_path / "phone.mp4", ROTATIONS[2][2], frames=12)  # coded 64x48, shown 48x64
+    drawn = torch.Generator().manual_seed(5)
+    with video_io.VideoFile(path) as video:
+        assert video.size_hint == (48, 64)  # coded: nothing decoded yet
+        frames, plan = video_io.read_drawn(
+            video, [0, 2, 4], lambda h, w: T.draw_train_crop(h, w, 32, (40, 48), drawn), drawn)
+        assert video.size_hint == (64, 48)
+    known = torch.Generator().manual_seed(5)
+    assert plan == T.draw_train_crop(64, 48, 32, (40, 48), known) and plan.source_size == (64, 48)
+    assert torch.equal(drawn.get_state(), known.get_state())  # nothing drawn twice
+    assert torch.equal(frames, video_io.read_video_frames(path, [0, 2, 4], min_short_side=plan.short_side))
