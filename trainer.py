@@ -798,16 +798,6 @@ def _load(model, path: str) -> dict:
     return report
 
 
-def stored_class_names(path: str) -> list[str] | None:
-    """The class names a checkpoint of this repo stores (index = label), or None."""
-    try:
-        state = x3d._load_file(path)[0]  # x3d's reader: weights-only first, as for loading weights
-    except (OSError, ValueError):  # unreadable files are reported by the loader that follows
-        return None
-    names = state.get("class_names") if isinstance(state, dict) else None
-    return list(names) if names else None
-
-
 def make_plan(cfg, d: Dist) -> multigrid.MultigridPlan:
     """The Multigrid plan (constant shape when both cycles are off) for this run's per-GPU batch."""
     if cfg.batch_size % d.world:
