@@ -128,19 +128,12 @@ def write_failed_message(path: str, error: OSError) -> str:
             f"{last_written(ckpt_folder)}. {fix}, then rerun the same command to resume from it.")
 
 
-def save(path: str, state: dict) -> None:
-    """Write `state` atomically with its checksums; NonFinite for a non-finite model, WriteFailed on I/O errors."""
-    model = state.get("model")
-    worst = largest_weight(model) if isinstance(model, dict) else 0.0
-    if not np.isfinite(worst):
-        raise NonFinite(f"the weights hold {worst} values at {describe(state)} (for {path})")
-    state = {**state, CHECKSUM_KEY: {"algorithm": "sha256", "parts": checksums(state)}}
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
+def _write_atomically(path: str, data) -> None:
+    """Write `data` to `<path>.tmp<pid>`, fsync it and rename it to `path`; WriteFailed naming `path` on I/O errors."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -148,9 +141,26 @@ def save(path: str, state: dict) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise WriteFailed(write_failed_message(path, error)) from None
+
+
+def save(path: str, state: dict, copies=()) -> None:
+    """Write `state` atomically with its checksums; NonFinite for a non-finite model, WriteFailed on I/O errors.
+
+    `copies`: more paths that get the same checkpoint. It is checksummed and serialised once, then each
+    file is written and fsynced on its own (independent files: damage to one leaves the others)."""
+    model = state.get("model")
+    worst = largest_weight(model) if isinstance(model, dict) else 0.0
+    if not np.isfinite(worst):
+        raise NonFinite(f"the weights hold {worst} values at {describe(state)} (for {path})")
+    state = {**state, CHECKSUM_KEY: {"algorithm": "sha256", "parts": checksums(state)}}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _write_atomically(path, buffer.getbuffer())
     if os.path.basename(path) == "last.pt":  # what the run resumes from
         _LAST_WRITTEN[os.path.dirname(os.path.abspath(path))] = (
             f"{path}, {describe(state)}, finite weights, largest |value| in the model {worst:.3g}")
+    for copy in copies:
+        _write_atomically(copy, buffer.getbuffer())
 
 
 def verify(state, path: str) -> str:

@@ -461,10 +461,11 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 # ------------------------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """checkpoints.save (atomic, checksummed, never non-finite); a failed write is a one-line SetupError."""
+def save_checkpoint(path: str, state: dict, copies=()) -> None:
+    """checkpoints.save (atomic, checksummed, never non-finite, the same state also to `copies`); a failed
+    write is a one-line SetupError."""
     try:
-        checkpoints.save(path, state)
+        checkpoints.save(path, state, copies)
     except checkpoints.WriteFailed as e:
         raise SetupError(str(e)) from None
 
@@ -1058,7 +1059,7 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
                             plan, cfg, d, task, log, epoch, iteration, n_iter, step, totals,
                             save=lambda e, i, s: save_checkpoint(last_path, snapshot(e, i, s)),
                             progress=progress)
-        epoch, iteration = epoch + 1, 0
+        epoch, iteration, copies = epoch + 1, 0, []
         due = cfg.eval_period and epoch % cfg.eval_period == 0
         if val_ds is not None and (due or epoch == plan.max_epoch):
             _precise_bn(model, train_ds, cfg, d, epoch, phase.bn_splits)
@@ -1069,15 +1070,13 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
                         **metrics})
             if best is None or metrics[task.primary] > best:
                 best = metrics[task.primary]
-                if d.main:
-                    save_checkpoint(os.path.join(run_dir, "checkpoints", "best.pt"),
-                                    snapshot(epoch, 0, step))
+                copies.append(os.path.join(run_dir, "checkpoints", "best.pt"))
         average_bn_buffers(model, d)
         if d.main:
-            save_checkpoint(last_path, snapshot(epoch, 0, step))
             if cfg.checkpoint_period and epoch % cfg.checkpoint_period == 0:
-                save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:04d}.pt"),
-                                snapshot(epoch, 0, step))
+                copies.append(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:04d}.pt"))
+            # One snapshot, checksummed and serialised once for last.pt, best.pt and the epoch file.
+            save_checkpoint(last_path, snapshot(epoch, 0, step), copies)
             if time.time() - plotted >= PLOT_INTERVAL_S:
                 log.plot()
                 plotted = time.time()

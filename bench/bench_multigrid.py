@@ -10,7 +10,9 @@
 
 It generates (or finds complete) a synthetic Kinetics-format dataset (`synthetic_data.make_kinetics`;
 `--classes` takes a count or motion names, `--difficulty` a preset with optional field=value
-overrides; `--cpu` takes the demo's dataset exactly), then trains the same X3D twice with the real
+overrides; `--cpu` takes the demo's dataset exactly) and by default converts it into frame store files
+(`--source store`: their decode cost falls with the clip's shape, an mp4 clip's hardly does, and on a
+few CPU cores the loader otherwise takes CPU time from Multigrid's cheap small-shape steps), then trains the same X3D twice with the real
 trainer (`train_x3d_kinetics_multigrid.py` in a subprocess), from the same max epoch and LR steps, the
 same step policy (steps_with_relative_lrs, gamma 0.1), the same base-LR rule and warm-up, and the same
 seed:
@@ -63,6 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import multigrid
+import prepare_videos
 import synthetic_data
 import train_x3d_kinetics_multigrid as kinetics
 import trainer
@@ -78,7 +81,7 @@ DEFAULTS = {
     "short_cycle": True, "workers": 14, "threads": 0, "evals": 5, "eval_period": 0, "precise_bn_batches": 20,
     "test_temporal_views": 10, "test_spatial_views": 3, "test_batch": 8, "log_period": 1, "seed": 0,
     "classes": "10", "train_per_class": 200, "val_per_class": 20, "seconds": 3, "fps": 30, "size": "128x96",
-    "difficulty": "medium", "keyframe_interval": 250, "data_workers": 16,
+    "difficulty": "medium", "keyframe_interval": 250, "data_workers": 16, "source": "store",
 }
 # The CPU smoke run of tests/test_bench_multigrid.py: X3D-XS 4x48, 36 training videos, 2 epochs.
 TINY = {
@@ -103,17 +106,22 @@ def _demo_dataset() -> dict:
 
 
 _DEMO = {k.lower(): v for k, v in kinetics.DEMO_SETTINGS.items()}
-# The CPU measurement: the demo's data and model settings (X3D-XS 16x2 at crop 48, base batch 8, 0.1
-# per 16 clips, 2 warm-up epochs, BN splits of 4, 5x3 test views), the LR steps scaled from the demo's
-# (0,17,19 of 20) to max epoch 10 so that the constant run trains about 10 minutes on 2 cores,
-# and an evaluation after every epoch (a tenth of the constant run or less).
+# The CPU measurement: the demo's data and model settings (X3D-XS 16x2 at crop 48, base batch 8, 0.1 per
+# 16 clips, 2 warm-up epochs, 5x3 test views, no short cycle), read from frame store files, the LR steps
+# scaled from the demo's (0,17,19 of 20) to max epoch 10 so that the constant run trains about 6 minutes
+# on 2 cores, BN splits of 8 clips (the base batch: at the base shape Multigrid's BN is then the
+# constant run's) and an evaluation after every epoch (a tenth of the constant run or less). Measured
+# on seed 0 (1-clip validation, mp4 source) before choosing: the constant run ended at 95.0%; Multigrid
+# with splits of 4 clips (the demo's) ended at 78.3% with the short cycle and 86.7% without, its first
+# phase (4 frames at crop 34) near chance on the 16-frame validation clips; with splits of 8 and no
+# short cycle it ended at 95.0%.
 CPU = {
     "device": "cpu", "version": _DEMO["x3d_version"], **{k: _DEMO[k] for k in (
         "frames", "rate", "crop", "test_crop", "batch_size", "base_lr", "lr_reference_batch", "warmup_epochs",
-        "bn_base_size", "dropout", "workers", "precise_bn_batches", "test_temporal_views", "test_spatial_views")},
+        "dropout", "workers", "precise_bn_batches", "test_temporal_views", "test_spatial_views", "short_cycle")},
     "short_side": ",".join(map(str, _DEMO["short_side"])), "max_epoch": 10, "steps": "0,8,9",
-    "test_batch": kinetics.CONSTANTS["TEST_BATCH"], "eval_period": 1, "threads": 0, "data_workers": 2,
-    **_demo_dataset(),
+    "bn_base_size": _DEMO["batch_size"], "test_batch": kinetics.CONSTANTS["TEST_BATCH"], "eval_period": 1,
+    "threads": 0, "data_workers": 2, **_demo_dataset(),
 }
 PRESETS = {"tiny": TINY, "cpu": CPU}
 HELP = {
@@ -124,7 +132,10 @@ HELP = {
     "eval_period": "epochs between evaluations (precise BN, validation, a kept checkpoint to test); 0: --evals a run",
     "evals": "evaluations a run when --eval-period is 0",
     "seed": "the trainer's seed for both runs; each seed goes to <out-dir>/seed_<seed>/",
+    "source": "what both runs read: 'store' (frame store files built once by prepare_videos.store_tree into "
+              "<data>_store/) or 'mp4' (the generated videos)",
 }
+SOURCES = ("store", "mp4")
 
 
 def parse_args(argv=None):
@@ -175,6 +186,8 @@ def parse_args(argv=None):
         parser.error(f"--evals must be at least 1, got {args.evals}")
     if args.eval_period < 0:
         parser.error(f"--eval-period must be 0 (from --evals) or a number of epochs, got {args.eval_period}")
+    if args.source not in SOURCES:
+        parser.error(f"--source {args.source}: use one of {', '.join(SOURCES)}")
     if args.device not in ("cuda", "cpu"):
         parser.error(f"--device {args.device}: use cuda (one GPU) or cpu")
     if args.device == "cuda" and not args.summary:
@@ -235,7 +248,31 @@ def make_data(args) -> tuple[dict, float]:
             progress=sys.stderr.isatty())
     except ValueError as e:
         refuse(f"dataset {args.data}: {e}")
+    if args.source == "store":
+        paths = make_store(args, paths)
     return paths, time.time() - start
+
+
+def make_store(args, paths: dict) -> dict:
+    """Convert both splits into frame store files under <data>_store/ (kept when already converted);
+    the same paths with the store's roots. The annotations stay the videos': the datasets find a
+    `.frames` file by the video's stem."""
+    store = args.data.rstrip(os.sep) + "_store"
+    paths = dict(paths)
+    for key in ("train_root", "val_root"):
+        out_root = os.path.join(store, os.path.basename(paths[key]))
+        try:
+            entries, _ = prepare_videos.scan_sources(paths[key])
+            counts, failed = prepare_videos.store_tree(paths[key], out_root, entries, workers=args.data_workers)
+        except (OSError, ValueError) as e:
+            refuse(f"frame store {out_root}: {e}")
+        if failed:
+            first = ", ".join(f"{path} ({why})" for path, why in sorted(failed.items())[:3])
+            refuse(f"frame store {out_root}: {len(failed)} of {len(entries)} videos under {paths[key]} could not be "
+                   f"converted (first: {first}); delete them (the dataset is regenerated) or use --source mp4")
+        print(f"[bench] frame store {out_root}: {counts['written']} written, {counts['kept']} kept", flush=True)
+        paths[key] = out_root
+    return paths
 
 
 def common_flags(args, paths) -> list[str]:
@@ -677,13 +714,16 @@ def setup(args, data_s: float, protocol: str) -> dict:
     }
 
 
+_SOURCE_WORDS = {"store": "frame store files (prepare_videos --frame-store)", "mp4": "the mp4 files"}
+
+
 def _footer(result: dict, seeds: list) -> str:
     """What a table was measured on, in one paragraph."""
     s, d = result["settings"], result["dataset"]
     return (f"{result['device']}; torch {result['torch']}; seeds {', '.join(map(str, seeds))}; dataset "
             f"{d['train_videos']} train / {d['val_videos']} val videos, {len(d['classes'])} classes "
             f"({', '.join(d['classes'])}), {d['seconds']} s at {d['fps']} fps, {d['size']}, difficulty "
-            f"{d['difficulty']}; X3D-{s['version']}, batch {s['batch_size']}, max epoch {s['max_epoch']}, steps "
+            f"{d['difficulty']}, read from {_SOURCE_WORDS[s.get('source', 'mp4')]}; X3D-{s['version']}, batch {s['batch_size']}, max epoch {s['max_epoch']}, steps "
             f"{s['steps']}, short cycle {'on' if s['short_cycle'] else 'off'}; test: {result['protocol']}; "
             "wall s = training loop without the evaluations; reach = first evaluation at or above the seed's "
             "constant run's final top-1; peak RSS = ru_maxrss of the trainer process, worker = the largest of its "

@@ -107,6 +107,20 @@ def test_multigrid_run_lists_its_shape_changes_with_their_timings(tiny):
     assert not any(p["shape_change"] for p in result["runs"]["constant"]["phases"])
 
 
+def test_both_runs_read_the_frame_store_by_default(tiny):
+    """--source store (the default): every video has its .frames file and both runs train and validate from them."""
+    out, result, _ = tiny
+    store = out.parent / "data_store"
+    for split in ("train", "val"):
+        videos = sorted(p.stem for p in (out.parent / "data" / split).rglob("*.mp4"))
+        assert videos and videos == sorted(p.stem for p in (store / split).rglob("*.frames")), split
+    for name in bm.RUNS:
+        flags = result["runs"][name]["flags"]
+        assert flags[flags.index("--train-root") + 1] == str(store / "train")
+        assert flags[flags.index("--val-root") + 1] == str(store / "val")
+    assert result["settings"]["source"] == "store" and "read from frame store files" in (out / "seed_0" / "bench_multigrid.md").read_text()
+
+
 def test_png_table_and_run_folders_are_written(tiny):
     """A real PNG; the table printed and saved with one row per run; per-step records carry time and window_s."""
     out, result, stdout = tiny
@@ -188,7 +202,8 @@ def test_spread_of_even_counts_and_missing_values():
 
 
 def test_cpu_preset_is_the_demo_data_and_settings():
-    """--cpu resolves to the demo's dataset (names, difficulty, counts, make_kinetics' defaults) and model settings."""
+    """--cpu resolves to the demo's dataset (names, difficulty, counts, make_kinetics' defaults) and model settings,
+    with BN splits of the base batch, the frame store and max epoch 10."""
     args = bm.parse_args(["--cpu"])
     assert args.class_choice == list(kinetics.DEMO_DATASET["classes"])
     assert args.difficulty_spec == synthetic_data.DIFFICULTIES[kinetics.DEMO_DATASET["difficulty"]]
@@ -199,14 +214,15 @@ def test_cpu_preset_is_the_demo_data_and_settings():
     demo = kinetics.DEMO_SETTINGS
     assert (args.version, args.frames, args.crop, args.batch_size) == (
         demo["X3D_VERSION"], demo["FRAMES"], demo["CROP"], demo["BATCH_SIZE"])
-    assert args.device == "cpu" and args.eval_period == 1 and args.short_cycle is True
+    assert args.device == "cpu" and args.eval_period == 1 and args.short_cycle is demo["SHORT_CYCLE"] is False
+    assert args.bn_base_size == args.batch_size and args.source == "store" and (args.max_epoch, args.steps) == (10, "0,8,9")
 
 
 def test_short_cycle_switch_reaches_the_multigrid_plan():
     """--no-short-cycle: the Multigrid run's phases have one shape each; the constant run is unchanged."""
     paths = {"train_root": "t", "train_csv": "t.csv", "val_root": "v", "val_csv": "v.csv", "classes": "c.txt"}
     for short in (True, False):
-        args = bm.parse_args(["--cpu"] + ([] if short else ["--no-short-cycle"]))
+        args = bm.parse_args(["--cpu", "--short-cycle" if short else "--no-short-cycle"])
         flags = bm.common_flags(args, paths)
         mg = bm.plan_of(bm.run_argv(args, flags, "multigrid"))
         assert mg.short_cycle is short and all(len(p.shapes) == (3 if short else 1) for p in mg.phases)
@@ -240,6 +256,7 @@ def test_timeline_takes_evaluations_out_of_the_clock():
     (["--classes", "moving right,jumping"], "(['jumping'] unknown)"),
     (["--difficulty", "demo,blur=2"], "difficulty override 'blur=2': expected field=value"),
     (["--tiny", "--cpu"], "not allowed with argument"),
+    (["--source", "jpeg"], "--source jpeg: use one of store, mp4"),
 ])
 def test_bad_options_exit_with_a_message_naming_them(argv, message, capsys):
     """Bad options stop before any data or training, naming the option and value."""

@@ -313,6 +313,25 @@ def test_checkpoint_checks_in_process(baseline, tmp_path):
         trainer._load(x3d.generate_model("XS", n_classes=2), good)
 
 
+def test_checkpoint_copies_are_independent_files_of_one_state(baseline, tmp_path):
+    """save(last, state, [best, epoch]) writes three whole files of the same state; the next save of
+    last.pt leaves the copies as they were, and damage to one copy leaves the others intact."""
+    first = state(baseline / "checkpoints" / "final.pt")
+    last, best, epoch = (str(tmp_path / n) for n in ("last.pt", "best.pt", "epoch_0002.pt"))
+    checkpoints.save(last, first, [best, epoch])
+    contents = [open(p, "rb").read() for p in (last, best, epoch)]
+    assert contents[0] == contents[1] == contents[2]
+    assert len({os.stat(p).st_ino for p in (last, best, epoch)}) == 3
+    checkpoints.save(last, {**first, "step": 99})
+    assert checkpoints.load(last)[0]["step"] == 99
+    _flip_bytes_in_largest_tensor(best)
+    with pytest.raises(checkpoints.Corrupt, match=r"best\.pt is corrupt"):
+        checkpoints.load(best)
+    loaded, note = checkpoints.load(epoch)
+    assert note == "" and loaded["step"] == first["step"] != 99
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "epoch_0002.pt", "last.pt"]
+
+
 def test_divergence_stops_with_a_true_account_of_last_pt(data, tmp_path):
     """--base-lr 1e6: one line; last.pt exists only with finite weights, at the step the line names."""
     failed = run(args(data, tmp_path, "div", **{"base-lr": 1e6}))
