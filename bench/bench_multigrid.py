@@ -10,14 +10,15 @@
 
 It generates (or finds complete) a synthetic Kinetics-format dataset (`synthetic_data.make_kinetics`;
 `--classes` takes a count or motion names, `--difficulty` a preset with optional field=value
-overrides; `--cpu` takes the demo's dataset exactly) and by default converts it into frame store files
-(`--source store`: their decode cost falls with the clip's shape, an mp4 clip's hardly does, and on a
-few CPU cores the loader otherwise takes CPU time from Multigrid's cheap small-shape steps), then trains the same X3D twice with the real
-trainer (`train_x3d_kinetics_multigrid.py` in a subprocess), from the same max epoch and LR steps, the
-same step policy (steps_with_relative_lrs, gamma 0.1), the same base-LR rule and warm-up, and the same
-seed:
+overrides; `--cpu` takes the demo's dataset exactly) and by default converts it into frame store
+files (`--source store`: their decode cost falls with the clip's shape, an mp4 clip's hardly does, and
+on a few CPU cores the loader otherwise takes CPU time from Multigrid's cheap small-shape steps), then
+trains the same X3D twice with the real trainer (`train_x3d_kinetics_multigrid.py` in a subprocess),
+from the same max epoch and LR steps, the same step policy (steps_with_relative_lrs, gamma 0.1), the
+same base-LR rule and warm-up, and the same seed:
 - constant: no long or short cycle, at the base shape;
-- multigrid: the long cycle, and the short cycle unless `--no-short-cycle`, at epoch factor 1.5
+- multigrid: the long cycle, and the short cycle unless `--no-short-cycle` (off in the `--cpu`
+  preset), at epoch factor 1.5
   (PySlowFast's schedule).
 Every `--eval-period` epochs (default: `--evals` evaluations a run) the trainer runs precise BN and its
 1-clip validation and keeps an epoch checkpoint; after a run has trained, the bench runs the
@@ -723,7 +724,8 @@ def _footer(result: dict, seeds: list) -> str:
     return (f"{result['device']}; torch {result['torch']}; seeds {', '.join(map(str, seeds))}; dataset "
             f"{d['train_videos']} train / {d['val_videos']} val videos, {len(d['classes'])} classes "
             f"({', '.join(d['classes'])}), {d['seconds']} s at {d['fps']} fps, {d['size']}, difficulty "
-            f"{d['difficulty']}, read from {_SOURCE_WORDS[s.get('source', 'mp4')]}; X3D-{s['version']}, batch {s['batch_size']}, max epoch {s['max_epoch']}, steps "
+            f"{d['difficulty']}, read from {_SOURCE_WORDS[s.get('source', 'mp4')]}; X3D-{s['version']}, batch "
+            f"{s['batch_size']}, max epoch {s['max_epoch']}, steps "
             f"{s['steps']}, short cycle {'on' if s['short_cycle'] else 'off'}; test: {result['protocol']}; "
             "wall s = training loop without the evaluations; reach = first evaluation at or above the seed's "
             "constant run's final top-1; peak RSS = ru_maxrss of the trainer process, worker = the largest of its "

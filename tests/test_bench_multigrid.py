@@ -118,7 +118,8 @@ def test_both_runs_read_the_frame_store_by_default(tiny):
         flags = result["runs"][name]["flags"]
         assert flags[flags.index("--train-root") + 1] == str(store / "train")
         assert flags[flags.index("--val-root") + 1] == str(store / "val")
-    assert result["settings"]["source"] == "store" and "read from frame store files" in (out / "seed_0" / "bench_multigrid.md").read_text()
+    assert result["settings"]["source"] == "store"
+    assert "read from frame store files" in (out / "seed_0" / "bench_multigrid.md").read_text()
 
 
 def test_png_table_and_run_folders_are_written(tiny):
@@ -215,7 +216,8 @@ def test_cpu_preset_is_the_demo_data_and_settings():
     assert (args.version, args.frames, args.crop, args.batch_size) == (
         demo["X3D_VERSION"], demo["FRAMES"], demo["CROP"], demo["BATCH_SIZE"])
     assert args.device == "cpu" and args.eval_period == 1 and args.short_cycle is demo["SHORT_CYCLE"] is False
-    assert args.bn_base_size == args.batch_size and args.source == "store" and (args.max_epoch, args.steps) == (10, "0,8,9")
+    assert args.bn_base_size == args.batch_size and args.source == "store"
+    assert (args.max_epoch, args.steps) == (10, "0,8,9")
 
 
 def test_short_cycle_switch_reaches_the_multigrid_plan():
