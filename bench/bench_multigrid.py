@@ -270,7 +270,7 @@ def make_store(args, paths: dict) -> dict:
         if failed:
             first = ", ".join(f"{path} ({why})" for path, why in sorted(failed.items())[:3])
             refuse(f"frame store {out_root}: {len(failed)} of {len(entries)} videos under {paths[key]} could not be "
-                   f"converted (first: {first}); delete them (the dataset is regenerated) or use --source mp4")
+                   f"converted (first: {first}); delete {args.data} to generate it again, or use --source mp4")
         print(f"[bench] frame store {out_root}: {counts['written']} written, {counts['kept']} kept", flush=True)
         paths[key] = out_root
     return paths

@@ -122,6 +122,21 @@ def test_both_runs_read_the_frame_store_by_default(tiny):
     assert "read from frame store files" in (out / "seed_0" / "bench_multigrid.md").read_text()
 
 
+def test_video_the_store_cannot_convert_is_named(tmp_path, capsys):
+    """A generated video that no longer decodes stops --source store with exit 2, naming the file and the way out."""
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        (data / split / "growing").mkdir(parents=True)
+        (data / split / "growing" / f"{split}_000000_000002.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    args = bm.parse_args(["--tiny", "--data", str(data)])
+    with pytest.raises(SystemExit) as stop:
+        bm.make_store(args, {"train_root": str(data / "train"), "val_root": str(data / "val")})
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert f"frame store {tmp_path / 'data_store' / 'train'}: 1 of 1 videos under {data / 'train'}" in err
+    assert "growing/train_000000_000002.mp4" in err and f"delete {data} to generate it again" in err
+
+
 def test_png_table_and_run_folders_are_written(tiny):
     """A real PNG; the table printed and saved with one row per run; per-step records carry time and window_s."""
     out, result, stdout = tiny
