@@ -109,7 +109,7 @@ def _demo_dataset() -> dict:
 _DEMO = {k.lower(): v for k, v in kinetics.DEMO_SETTINGS.items()}
 # The CPU measurement: the demo's data and model settings (X3D-XS 16x2 at crop 48, base batch 8, 0.1 per
 # 16 clips, 2 warm-up epochs, 5x3 test views, no short cycle), read from frame store files, the LR steps
-# scaled from the demo's (0,17,19 of 20) to max epoch 10 so that the constant run trains about 6 minutes
+# scaled from the demo's (0,17,19 of 20) to max epoch 10 so that the constant run trains 7-8 minutes
 # on 2 cores, BN splits of 8 clips (the base batch: at the base shape Multigrid's BN is then the
 # constant run's) and an evaluation after every epoch (a tenth of the constant run or less). Measured
 # on seed 0 (1-clip validation, mp4 source) before choosing: the constant run ended at 95.0%; Multigrid
