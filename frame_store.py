@@ -7,33 +7,44 @@ also be kept as a second, smaller JPEG (a "level"), which clips whose augmentati
 short side decode instead: the entropy decoding of a JPEG does not shrink with libjpeg's 1/2, 1/4,
 1/8 scaled decode, a smaller copy does.
 
+Every frame is a baseline 4:2:0 JPEG with a restart marker after every MCU (16 x 16 pixels), so a
+training clip decodes only the MCUs its crop box covers (`read_window`, `jpeg_region`): the
+entropy decoding shrinks with the box too, which libjpeg's scaled decode cannot do.
+
 Layout (little-endian):
 
-    magic "X3DFRMS1" | num_frames u32 | fps f64 | quality u32 | short side u32 | small side u32 |
+    magic "X3DFRMS2" | num_frames u32 | fps f64 | quality u32 | short side u32 | small side u32 |
     levels u32   (short / small side: what the writer was asked for, 0 = no small copy)
     per level: width u32, height u32
     per level: num_frames + 2 offsets u64 (absolute; the last one is the file's size)
     per level: num_frames + 1 CRC-32 u32 of each frame's bytes
-    the JPEG bytes of level 0's frames, then of level 1's, ...
+    the frames of level 0, then of level 1, ...: each its JPEG bytes, the byte positions of its
+    restart markers in them (u32 each), the JPEG's size (u32). (Format 1: the JPEG bytes alone.)
 
 Frame i holds what `video_io` returns for index i of the source (presentation-time indices, a
 variable-rate source's gaps filled by the earlier frame, display orientation applied, as the
 source's reader does it), so a clip's frame indices are the same from the store and the source.
 One more frame follows the last: what the source's reader returns past its end (for a
 variable-rate video the last decoded frame, which can differ from frame num_frames - 1).
-Files are written to a hidden temporary sibling and renamed when complete and verified.
+Files are written to a hidden temporary sibling and renamed when complete and verified. Files of
+format 1 ("X3DFRMS1", frames without restart markers) are still read, whole frames only.
 """
+import array
+import io
 import os
 import struct
+import sys
 import zlib
 
 import numpy as np
 
+import jpeg_region
 import transforms
 import video_io
 from video_io import STORE_EXTENSION, VideoDecodeError  # noqa: F401 - STORE_EXTENSION: the file name ending
 
-MAGIC = b"X3DFRMS1"
+MAGIC = b"X3DFRMS2"
+_READABLE = {b"X3DFRMS1": 1, MAGIC: 2}
 _HEAD = struct.Struct("<8sIdIIII")
 PARTIAL_TAG = ".partial-"
 DEFAULT_SHORT_SIDE = 256
@@ -81,8 +92,9 @@ class FrameStore(video_io._Source):
         """Parse the header and the offset / CRC tables and check them against the file's size."""
         head = self._pread(_HEAD.size, 0, "header")
         magic, count, fps, quality, short_side, small_side, levels = _HEAD.unpack(head)
-        if magic != MAGIC:
+        if magic not in _READABLE:
             raise VideoDecodeError(self.path, f"not a frame store (magic {magic!r}, expected {MAGIC!r})")
+        self.version = _READABLE[magic]
         if count < 1 or not 0 < levels <= 4 or not fps > 0:
             raise VideoDecodeError(self.path, f"corrupt frame store header ({count} frames, {levels} levels, "
                                               f"fps {fps})")
@@ -113,10 +125,28 @@ class FrameStore(video_io._Source):
                 best = level
         return best
 
-    def frame_bytes(self, index, level=0):
-        """The stored JPEG bytes of frame `index` at `level`."""
+    def _record(self, index, level):
+        """The stored bytes of frame `index` at `level`: its JPEG, then (format 2) its marker table."""
         start, stop = self._offsets[level, index], self._offsets[level, index + 1]
         return self._pread(int(stop - start), int(start), f"frame {index}")
+
+    def _frame(self, index, level):
+        """(JPEG bytes, positions of its restart markers or None) of frame `index` at `level`."""
+        record = self._record(index, level)
+        if self.version < 2:
+            return record, None
+        size = int.from_bytes(record[-4:], "little") if len(record) >= 4 else -1
+        if not 0 < size <= len(record) - 4 or (len(record) - 4 - size) % 4:
+            raise VideoDecodeError(f"{self.path} frame {index}", "corrupt frame record (JPEG size "
+                                   f"{size} in {len(record)} bytes); rebuild it with prepare_videos.py --frame-store")
+        markers = array.array("I", record[size:len(record) - 4])  # read as Python ints: cut's loop is faster
+        if sys.byteorder == "big":
+            markers.byteswap()
+        return record[:size], markers
+
+    def frame_bytes(self, index, level=0):
+        """The stored JPEG bytes of frame `index` at `level`."""
+        return self._frame(index, level)[0]
 
     def read(self, indices, *, min_short_side=None):
         """uint8 (T, H, W, 3) frames at `indices` (repeats decoded once; past the end: what the source gave there).
@@ -132,15 +162,61 @@ class FrameStore(video_io._Source):
         return video_io.decode_frames(indices, lambda i: self.frame_bytes(i, level),
                                       lambda i: f"{self.path} frame {i}", min_short_side, fast_upsample=True)
 
+    def read_window(self, indices, *, min_short_side, box, source_size):
+        """(uint8 (T, h, w, 3) frames, window): the part of the frames at `indices` (decoded as `read`
+        decodes them for `min_short_side`) that covers `box` = (top, left, height, width) drawn on a
+        frame of `source_size` = (height, width), rounded out to whole MCUs. window = (top, left, full
+        height, full width): where that part sits in the whole frame decoded at that scale, whose
+        pixels it equals exactly. A frame without restart markers is decoded whole."""
+        indices = [min(int(i), self.num_frames) for i in indices]
+        if not indices or min(indices) < 0:
+            raise ValueError(f"read_window needs non-negative frame indices, got {indices[:4]} for {self.path}")
+        level = self.level_for(min_short_side)
+        width, height = self.sizes[level]
+        factor = video_io.shrink_factor(min(width, height), min_short_side)
+        full = (-(-height // factor), -(-width // factor))
+        name = lambda i: f"{self.path} frame {i}"  # noqa: E731
+        first, markers = self._frame(indices[0], level)
+        try:
+            where = None if markers is None else jpeg_region.layout(first)
+        except (ValueError, IndexError, struct.error) as error:
+            raise VideoDecodeError(name(indices[0]), f"corrupt JPEG header ({error})") from None
+        if where is None or (where.height, where.width) != (height, width):
+            frames = video_io.decode_frames(indices, lambda i: self.frame_bytes(i, level), name, factor=factor,
+                                            fast_upsample=True)
+            return frames, (0, 0) + full
+        top, bottom, left, right = transforms.box_bounds(box, source_size, full)
+        mcu_h, mcu_w = where.mcu_height // factor, where.mcu_width // factor
+        rows, cols = (top // mcu_h, -(-bottom // mcu_h)), (left // mcu_w, -(-right // mcu_w))
+
+        def load(i):
+            data, at = (first, markers) if i == indices[0] else self._frame(i, level)
+            try:  # every frame of a level has the first one's header layout (checked by verify)
+                return jpeg_region.cut(data, where, rows, cols, at)
+            except (ValueError, IndexError) as error:
+                raise VideoDecodeError(name(i), f"corrupt JPEG data ({error}); rebuild the store with "
+                                                "prepare_videos.py --frame-store") from None
+
+        frames = video_io.decode_frames(indices, load, name, factor=factor, fast_upsample=True)
+        return frames, (rows[0] * mcu_h, cols[0] * mcu_w) + full
+
     def verify(self):
         """None when every frame's bytes match their CRC and hold a JPEG of the level's size, else the reason."""
         for level, (width, height) in enumerate(self.sizes):
+            header = None
             for index in range(self.num_frames + 1):
-                data = self.frame_bytes(index, level)
-                if zlib.crc32(data) != int(self._crcs[level, index]):
+                if zlib.crc32(self._record(index, level)) != int(self._crcs[level, index]):
                     return f"frame {index} (level {level}) does not match its checksum"
+                data, markers = self._frame(index, level)
                 if video_io._jpeg_header(data) != (height, width):
                     return f"frame {index} (level {level}) is not a {width}x{height} JPEG"
+                if markers is None:
+                    continue
+                where = jpeg_region.layout(data)
+                if where is None or not np.array_equal(markers, jpeg_region.restart_markers(data, where)):
+                    return f"frame {index} (level {level}) lacks a restart marker after every MCU or their table"
+                if data[:where.scan] != (header := header or data[:where.scan]):
+                    return f"frame {index} (level {level}) has another JPEG header than frame 0"
         return None
 
     def close(self):
@@ -151,10 +227,24 @@ class FrameStore(video_io._Source):
 
 
 def encode_frame(frame, quality):
-    """JPEG bytes of one uint8 (H, W, 3) RGB frame (4:2:0 chroma, as video and frame extractors store it)."""
-    import simplejpeg
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
+    """JPEG bytes of one uint8 (H, W, 3) RGB frame: baseline, 4:2:0 chroma (as video and frame
+    extractors store it), a restart marker after every MCU (Pillow >= 10.2; simplejpeg writes none)."""
+    from PIL import Image
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(out, "JPEG", quality=quality, subsampling=2,
+                                                      restart_marker_blocks=1)
+    return out.getvalue()
+
+
+def _record_of(jpeg):
+    """A frame's stored bytes: its JPEG, the positions of its restart markers (u32 each), the JPEG's size (u32)."""
+    where = jpeg_region.layout(jpeg)
+    if where is None:
+        import PIL
+        raise RuntimeError(f"Pillow {PIL.__version__} wrote a JPEG without restart markers: the frame store "
+                           "needs Pillow >= 10.2 (pip install -U pillow)")
+    markers = jpeg_region.restart_markers(jpeg, where)
+    return jpeg + markers.astype("<u4").tobytes() + struct.pack("<I", len(jpeg))
 
 
 def _chunks(source, sizes):
@@ -199,7 +289,7 @@ def write_store(source_path, path, *, short_side=DEFAULT_SHORT_SIDE, small_side=
                 for indices, levels in _chunks(source, sizes):
                     for level, frames in enumerate(levels):
                         for index, frame in zip(indices, frames.numpy()):
-                            data = encode_frame(frame, quality)
+                            data = _record_of(encode_frame(frame, quality))
                             crcs[level, index] = zlib.crc32(data)
                             if level == 0:
                                 offsets[0, index] = position
@@ -230,11 +320,12 @@ def write_store(source_path, path, *, short_side=DEFAULT_SHORT_SIDE, small_side=
 
 
 def store_matches(path, short_side, small_side, quality):
-    """True when `path` is a complete store written with these settings (what a resumed preparation
-    keeps). Complete = its index agrees with its size; the checksums were verified when it was
+    """True when `path` is a complete store of the current format written with these settings (what
+    a resumed preparation keeps; a format 1 file is converted again). Complete = its index agrees with its size; the checksums were verified when it was
     written (before the rename that made it visible), so a resume does not read every byte again."""
     try:
         with FrameStore(path) as store:
-            return store.settings == {"short_side": short_side, "small_side": small_side or 0, "quality": quality}
+            return store.version == _READABLE[MAGIC] and \
+                store.settings == {"short_side": short_side, "small_side": small_side or 0, "quality": quality}
     except VideoDecodeError:
         return False

@@ -42,15 +42,17 @@ frame anyway. Sources larger than 256 also shrink.
 4. `--frame-store NEW_ROOT [--short-side 256 --quality 92 --small-side 0 --frame-fps 30]`: one
    `frame_store` file per video (`<label>/<stem>.frames`, or `<id>.frames` for a flat
    `<root>/<id>` tree such as Charades_v1_rgb): every frame as a JPEG at the short side, readable
-   one by one. Sources: video files and JPEG frame folders, in label folders or flat (frame
+   one by one, with a restart marker after every 16 x 16 MCU so a training clip decodes only the
+   part of each frame its crop covers (`jpeg_region`). Sources: video files and JPEG frame folders, in label folders or flat (frame
    folders carry no rate: `--frame-fps`, 24 for Charades). Parallel with a tqdm bar; each file is
    written to a hidden temporary name, verified (checksums, sizes) and renamed, so a killed run
-   resumes: verified files with the same settings are kept, partial ones removed. Unreadable
+   resumes: verified files of the current format with the same settings are kept (older-format
+   files are converted again), partial ones removed. Unreadable
    sources are named on stderr and in `NEW_ROOT/bad_videos.txt`; for label folders the annotation
    lists go to `<root>/annotations` and `NEW_ROOT/annotations` as with `--reencode`. The decode
    check is the conversion itself (every frame is decoded). Measured (bench/bench_store.py,
-   2026-12-03, 340x256 10 s videos, one process, machine shared): 354-421 CPU-s per 1,000 videos
-   (re-encode: 792-829), 1.09x the disk of JPEG frame folders of the same frames.
+   2026-12-03, 340x256 10 s videos, one process, idle 2-core machine): 620-655 CPU-s per 1,000
+   videos (re-encode: 526-704), 1.20x the disk of JPEG frame folders of the same frames.
 """
 import argparse
 import math

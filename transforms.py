@@ -143,12 +143,25 @@ def random_horizontal_flip(clip, generator, p=0.5):
     return horizontal_flip(clip) if draw_flip(generator, p) else clip
 
 
+def _bounds(top, left, box_height, box_width, height, width):
+    """(top, bottom, left, right): the whole pixels of a height x width frame a fractional box covers."""
+    top, left = int(round(top)), int(round(left))
+    bottom = min(height, max(top + 1, int(round(top + box_height))))
+    right = min(width, max(left + 1, int(round(left + box_width))))
+    return top, bottom, left, right
+
+
 def _crop_box_resize(clip, top, left, box_height, box_width, out_height, out_width):
     """Cut a (possibly fractional) box out of the source frames, then resize it: crop before resize."""
-    top, left = int(round(top)), int(round(left))
-    bottom = min(clip.shape[1], max(top + 1, int(round(top + box_height))))
-    right = min(clip.shape[2], max(left + 1, int(round(left + box_width))))
+    top, bottom, left, right = _bounds(top, left, box_height, box_width, *clip.shape[1:3])
     return resize(clip[:, top:bottom, left:right], out_height, out_width)
+
+
+def box_bounds(box, source_size, size):
+    """(top, bottom, left, right) pixels that `crop_box_resize` cuts for `box` (drawn on a frame of
+    `source_size`) from frames decoded at `size` = (height, width)."""
+    sy, sx = size[0] / source_size[0], size[1] / source_size[1]
+    return _bounds(box[0] * sy, box[1] * sx, box[2] * sy, box[3] * sx, *size)
 
 
 def draw_scale_crop(height, width, crop, min_size, max_size, generator, inverse_uniform=False):
@@ -169,8 +182,8 @@ def crop_box_resize(clip, box, source_size, size):
     """The size x size crop of `box` (drawn on a frame of `source_size` = (height, width)) from `clip`,
     which may hold those frames decoded smaller (the box is scaled to the clip's own size)."""
     _check_clip(clip)
-    sy, sx = clip.shape[1] / source_size[0], clip.shape[2] / source_size[1]
-    return _crop_box_resize(clip, box[0] * sy, box[1] * sx, box[2] * sy, box[3] * sx, size, size)
+    top, bottom, left, right = box_bounds(box, source_size, clip.shape[1:3])
+    return resize(clip[:, top:bottom, left:right], size, size)
 
 
 def random_scale_crop(clip, crop, min_size, max_size, generator, inverse_uniform=False):
@@ -185,11 +198,14 @@ def random_scale_crop(clip, crop, min_size, max_size, generator, inverse_uniform
 
 class TrainCrop(NamedTuple):
     """The spatial draws of one training clip, made before decoding: the short side, the crop box on
-    the source frame (top, left, height, width in its pixels), the flip, the source (height, width)."""
+    the source frame (top, left, height, width in its pixels), the flip, the source (height, width);
+    `window` (top, left, full height, full width) when the decoded frames are only the part of the
+    whole decoded frame that holds the box (a frame store's `read_window`)."""
     short_side: int
     box: tuple
     flip: bool
     source_size: tuple
+    window: tuple | None = None
 
 
 def multigrid_short_side_range(short_side, crop, default_crop):
@@ -207,7 +223,12 @@ def draw_train_crop(height, width, crop, short_range, generator, inverse_uniform
 
 def apply_train_crop(frames, plan, crop):
     """uint8 (C, T, crop, crop) of decoded (T, H, W, C) `frames` (any decoded scale) cut as `plan` says."""
-    return to_cthw(crop_box_resize(frames, plan.box, plan.source_size, crop), plan.flip)
+    if plan.window is None:
+        return to_cthw(crop_box_resize(frames, plan.box, plan.source_size, crop), plan.flip)
+    _check_clip(frames)
+    y, x, height, width = plan.window
+    top, bottom, left, right = box_bounds(plan.box, plan.source_size, (height, width))
+    return to_cthw(resize(frames[:, top - y:bottom - y, left - x:right - x], crop, crop), plan.flip)
 
 
 def scale_uniform_crop(clip, size, position):

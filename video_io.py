@@ -394,12 +394,17 @@ class VideoFile(_Source):
 def read_drawn(source, indices, draw, generator):
     """(uint8 (T, H, W, 3) frames at `indices`, plan) where plan = draw(height, width) makes a training
     clip's spatial draws (short side, crop box, flip) with `generator` before decoding, so the frames
-    decode no larger than the drawn short side needs. The draws use `source.size_hint`; a video file
+    decode no larger than the drawn short side needs (from a frame store, only the part the crop box
+    covers: plan.window says where it sits). The draws use `source.size_hint`; a video file
     found turned by 90 or 270 degrees when its first frame decodes is drawn again on its displayed
     size from the same generator state and read again (rare, and the same draws as a known size gives)."""
     state = generator.get_state()
     size = source.size_hint
     plan = draw(*size)
+    if hasattr(source, "read_window"):  # a frame store: decode only the part of each frame the box covers
+        frames, window = source.read_window(indices, min_short_side=plan.short_side, box=plan.box,
+                                            source_size=plan.source_size)
+        return frames, plan._replace(window=window)
     frames = source.read(indices, min_short_side=plan.short_side)
     if (source.height, source.width) != size:
         generator.set_state(state)
@@ -543,21 +548,23 @@ def decode_image(path, min_short_side=None, out=None):
     return decode_image_bytes(_read_bytes(path), path, min_short_side, out)
 
 
-def decode_image_bytes(data, path, min_short_side=None, out=None, fast_upsample=False):
+def decode_image_bytes(data, path, min_short_side=None, out=None, fast_upsample=False, factor=None):
     """One frame image's bytes (`path` names it in errors) as uint8 (H, W, 3): simplejpeg, Pillow as the fallback.
 
     With `min_short_side`, an image at least twice that size is shrunk in the decoder by 2, 4 or 8
     (libjpeg-turbo scaled IDCT / Pillow `draft`), keeping the short side >= min_short_side.
     `out`, a C-contiguous uint8 (H, W, 3) array, receives the pixels when the image decodes to
     exactly that shape (no copy); the returned array is then `out`. `fast_upsample`: 4:2:0 chroma
-    replicated over each 2x2 block (libjpeg's fast upsampling) instead of interpolated.
+    replicated over each 2x2 block (libjpeg's fast upsampling) instead of interpolated. `factor`
+    (1, 2, 4 or 8) fixes the shrink instead (a cut of a frame shrinks as the whole frame does).
     """
     header = _jpeg_header(data)
     if header is not None:
-        factor = shrink_factor(min(header), min_short_side)
-        scaled = {} if factor == 1 else dict(min_factor=factor, min_height=min(header) // factor,
-                                             min_width=min(header) // factor)
-        fits = out is not None and out.shape == (-(-header[0] // factor), -(-header[1] // factor), 3)
+        fixed, factor = bool(factor), factor or shrink_factor(min(header), min_short_side)
+        size = (-(-header[0] // factor), -(-header[1] // factor))
+        least = size if fixed else (min(header) // factor,) * 2  # simplejpeg takes the largest factor that fits
+        scaled = {} if factor == 1 else dict(min_factor=factor, min_height=least[0], min_width=least[1])
+        fits = out is not None and out.shape == size + (3,)
         try:
             image = simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out if fits else None,
                                            fastupsample=fast_upsample, **scaled)
@@ -569,8 +576,8 @@ def decode_image_bytes(data, path, min_short_side=None, out=None, fast_upsample=
             pass  # e.g. a CMYK or progressive-corrupt file: let Pillow try and report
     image = _pillow_open(path, data)
     try:
-        if min_short_side:
-            factor = shrink_factor(min(image.size), min_short_side)
+        if min_short_side or factor:
+            factor = factor or shrink_factor(min(image.size), min_short_side)
             if factor > 1 and image.format == "JPEG":
                 image.draft("RGB", (image.size[0] // factor, image.size[1] // factor))
         return np.asarray(image.convert("RGB"))
@@ -578,11 +585,12 @@ def decode_image_bytes(data, path, min_short_side=None, out=None, fast_upsample=
         raise VideoDecodeError(path, f"image decoding failed ({error})") from None
 
 
-def decode_frames(keys, load, name, min_short_side=None, fast_upsample=False):
+def decode_frames(keys, load, name, min_short_side=None, fast_upsample=False, factor=None):
     """uint8 (T, H, W, 3) of the frames `keys` (repeats decoded once): `load(key)` gives a frame's
     image bytes, `name(key)` names it in errors. Frames after the first are decoded straight into
     the output array; all must share one size."""
-    first = decode_image_bytes(load(keys[0]), name(keys[0]), min_short_side, fast_upsample=fast_upsample)
+    first = decode_image_bytes(load(keys[0]), name(keys[0]), min_short_side, fast_upsample=fast_upsample,
+                               factor=factor)
     frames = np.empty((len(keys),) + first.shape, np.uint8)
     frames[0] = first
     decoded = {keys[0]: 0}
@@ -591,7 +599,8 @@ def decode_frames(keys, load, name, min_short_side=None, fast_upsample=False):
             frames[t] = frames[decoded[key]]
             continue
         slot = frames[t]
-        image = decode_image_bytes(load(key), name(key), min_short_side, out=slot, fast_upsample=fast_upsample)
+        image = decode_image_bytes(load(key), name(key), min_short_side, out=slot, fast_upsample=fast_upsample,
+                                   factor=factor)
         if image.shape != first.shape:
             raise VideoDecodeError(name(key), f"frame size {image.shape[1]}x{image.shape[0]} differs from "
                                               f"{first.shape[1]}x{first.shape[0]} of {name(keys[0])}")

@@ -148,17 +148,23 @@ def test_training_decodes_no_larger_than_the_drawn_short_side(tmp_path):
     pv.main([str(root), "--frame-store", str(tmp_path / "s"), "--workers", "1", "--no-progress"])
     ds = KineticsDataset(str(tmp_path / "s"), str(root / "annotations" / "train.csv"), frames=4, rate=2, crop=80,
                          short_side=(91, 228), log=quiet)
-    halves = 0
+    halves = windows = 0
     for seed in range(12):
         request = ClipRequest(0, 4, 80, 2, seed)
         indices, plan = ds.plan(request)
-        frames = ds.read_frames(0, 4, 80, 2, torch.Generator().manual_seed(seed))
-        assert min(frames.shape[1:3]) >= plan.short_side  # a proper downscale, never an upscale
-        halves += frames.shape[1] == 128
+        frames, read_plan = ds._decode(0, 4, 80, 2, torch.Generator().manual_seed(seed))
+        y, x, height, width = read_plan.window  # where the decoded part sits in the frame decoded whole
+        assert min(height, width) >= plan.short_side  # a proper downscale, never an upscale
+        halves += height == 128
+        windows += frames.shape[1:3] != (height, width)
+        clip = ds[request][0]
         with frame_store.FrameStore(ds.path(0)) as store:
+            same_scale = T.apply_train_crop(store.read(indices, min_short_side=plan.short_side), plan, 80)
             full = T.apply_train_crop(store.read(indices), plan, 80)
-        assert (ds[request][0].float() - full.float()).abs().mean() < 3
+        assert torch.equal(clip, same_scale)  # decoding part of each frame changes no pixel
+        assert (clip.float() - full.float()).abs().mean() < 3
     assert 0 < halves < 12  # short sides <= 128 were decoded at half scale, larger ones at full
+    assert windows == 12  # every clip decoded only the MCUs around its crop box
 
 
 def test_a_truncated_or_foreign_store_is_a_counted_skip_naming_the_file(kinetics_pair, tmp_path):

@@ -1,0 +1,111 @@
+"""Lossless cuts of a baseline JPEG with a restart marker after every MCU: decode only a region.
+
+A baseline JPEG's entropy-coded data cannot be entered in the middle: every block's DC value is
+coded against the previous block's. A restart marker (RSTn) resets that prediction, so with one
+after every MCU (the 16 x 16 pixel unit of 4:2:0 JPEG) each MCU's bytes decode on their own. `cut`
+builds, without decoding or re-encoding anything, a complete JPEG of a rectangle of MCUs: the
+original header with the frame size changed, the rectangle's MCUs row by row, restart markers
+renumbered (a decoder checks their sequence RST0..RST7), and the end marker. Decoding it costs what
+its area costs, entropy decoding included, and gives exactly the pixels the whole frame decodes
+to there (tested at libjpeg's full, 1/2, 1/4 and 1/8 scales with the fast, replicated chroma
+upsampling the frame store uses; libjpeg's default interpolated upsampling reads the neighbouring
+MCUs' chroma, so a cut's outer pixels could differ). The cost of a restart marker after every
+MCU, measured on 340x256 frames at quality 92: 3% more bytes, 5% slower whole-frame decoding.
+"""
+import struct
+from typing import NamedTuple
+
+import numpy as np
+
+_SOF_MARKERS = (0xC0, 0xC1)  # baseline and extended sequential Huffman: the ones cut can handle
+_RST_MASK, _RST0 = 0xF8, 0xD0
+
+
+class Layout(NamedTuple):
+    """Where things are in one JPEG: its size, MCU size, SOF position, start of the entropy-coded data."""
+    height: int
+    width: int
+    mcu_height: int
+    mcu_width: int
+    sof: int
+    scan: int
+
+
+def layout(data: bytes) -> Layout | None:
+    """The Layout of a single-scan sequential JPEG with a restart marker after every MCU, else None.
+    Raises ValueError for bytes that are not a JPEG's header."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("no JPEG start marker")
+    pos, sof, restart = 2, None, 0
+    while True:
+        if data[pos] != 0xFF:
+            raise ValueError(f"no marker at byte {pos} of the header")
+        marker = data[pos + 1]
+        length = struct.unpack_from(">H", data, pos + 2)[0]
+        if marker in _SOF_MARKERS:
+            sof = pos
+        elif 0xC2 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return None  # progressive, lossless or arithmetic coding
+        elif marker == 0xDD:
+            restart = struct.unpack_from(">H", data, pos + 4)[0]
+        elif marker == 0xDA:
+            if sof is None or restart != 1 or data[pos + 4] != data[sof + 9]:
+                return None  # no restart after every MCU, or not every component in this scan
+            height, width, components = struct.unpack_from(">HHB", data, sof + 5)
+            sampling = data[sof + 11:sof + 11 + 3 * components:3]
+            h_max, v_max = max(s >> 4 for s in sampling), max(s & 15 for s in sampling)
+            return Layout(height, width, 8 * v_max, 8 * h_max, sof, pos + 2 + length)
+        pos += 2 + length
+
+
+def restart_markers(data: bytes, where: Layout) -> np.ndarray:
+    """Byte positions in `data` of the RSTn markers of its entropy-coded data (int64)."""
+    scan = np.frombuffer(data, np.uint8, _end(data) - where.scan, where.scan)
+    ff = np.flatnonzero(scan[:-1] == 0xFF)  # a coded 0xFF byte is always followed by 0x00
+    return ff[(scan[ff + 1] & _RST_MASK) == _RST0] + where.scan
+
+
+def _end(data: bytes) -> int:
+    """Where the entropy-coded data ends: at the end-of-image marker."""
+    return len(data) - 2 if data[-2:] == b"\xff\xd9" else len(data)
+
+
+def cut(data: bytes, where: Layout, rows: tuple, cols: tuple, markers=None) -> bytes:
+    """A JPEG of MCU rows [rows[0], rows[1]) and columns [cols[0], cols[1]) of `data`, laid out as `where`
+    says; `markers`: its `restart_markers` (any sequence of ints) when known, found otherwise. The
+    cut's size is the MCUs' (clipped at the frame's right and bottom edges). Raises ValueError when
+    the entropy-coded data does not hold one restart marker between every two MCUs."""
+    (r0, r1), (c0, c1) = rows, cols
+    per_row = -(-where.width // where.mcu_width)
+    per_col = -(-where.height // where.mcu_height)
+    if not (0 <= r0 < r1 <= per_col and 0 <= c0 < c1 <= per_row):
+        raise ValueError(f"MCU rows {rows} / columns {cols} outside a {per_col} x {per_row} MCU frame")
+    found = restart_markers(data, where).tolist() if markers is None else markers
+    count = per_row * per_col
+    if len(found) != count - 1:
+        raise ValueError(f"{len(found)} restart markers for {count} MCUs")
+    end = _end(data)
+    out = bytearray(data[:where.scan])
+    struct.pack_into(">HH", out, where.sof + 5,
+                     min(r1 * where.mcu_height, where.height) - r0 * where.mcu_height,
+                     min(c1 * where.mcu_width, where.width) - c0 * where.mcu_width)
+    number = 0  # the cut's markers are numbered RST0, RST1, ... again, as a decoder expects them
+    for row in range(r0, r1):
+        first = row * per_row + c0
+        last = first + c1 - c0 - 1
+        start = found[first - 1] + 2 if first else where.scan
+        shift = len(out) - start
+        out += data[start:found[last] if last < count - 1 else end]  # the row's MCUs and the markers between
+        for k in range(first, last):
+            at = found[k] + shift
+            if out[at] != 0xFF:
+                raise ValueError("the restart markers are not where the frame's table says")
+            out[at + 1] = _RST0 + (number & 7)
+            number += 1
+        out += _RESTART[number & 7]
+        number += 1
+    out[-2:] = b"\xff\xd9"  # the end of the image replaces the marker after the last row
+    return bytes(out)
+
+
+_RESTART = [bytes([0xFF, _RST0 + n]) for n in range(8)]

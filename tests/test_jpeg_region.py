@@ -1,0 +1,131 @@
+"""jpeg_region cuts and the frame store's windowed reads: exact pixels against decoding whole frames."""
+import io
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+from PIL import Image
+
+import frame_store
+import jpeg_region
+import transforms as T
+from test_video_io import encode_video
+from video_io import VideoDecodeError, decode_image_bytes
+
+
+def picture(height, width, seed):
+    """A smooth colour gradient with noise: every MCU codes differently, chroma included."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width]
+    base = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], -1)
+    return np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("height, width", [(256, 340), (75, 101)])  # 101 x 75: partial MCUs at both edges
+def test_a_cut_decodes_to_exactly_the_pixels_of_the_whole_frame(height, width):
+    data = frame_store.encode_frame(picture(height, width, 0), 92)
+    where = jpeg_region.layout(data)
+    assert (where.height, where.width, where.mcu_height, where.mcu_width) == (height, width, 16, 16)
+    rows, cols = -(-height // 16), -(-width // 16)
+    rng = np.random.default_rng(1)
+    for factor in (1, 2, 4, 8):
+        whole = decode_image_bytes(data, "whole", factor=factor, fast_upsample=True)
+        mcu = 16 // factor
+        cases = [((0, rows), (0, cols)), ((rows - 1, rows), (cols - 1, cols)), ((0, 1), (0, cols))]
+        for _ in range(25):
+            r0, c0 = int(rng.integers(0, rows)), int(rng.integers(0, cols))
+            cases.append(((r0, int(rng.integers(r0 + 1, rows + 1))), (c0, int(rng.integers(c0 + 1, cols + 1)))))
+        for (r0, r1), (c0, c1) in cases:
+            part = decode_image_bytes(jpeg_region.cut(data, where, (r0, r1), (c0, c1)), "cut", factor=factor,
+                                      fast_upsample=True)
+            expected = whole[r0 * mcu:r1 * mcu, c0 * mcu:c1 * mcu]
+            assert part.shape == expected.shape and np.array_equal(part, expected), (factor, r0, r1, c0, c1)
+
+
+def test_only_jpegs_with_a_restart_marker_after_every_mcu_can_be_cut():
+    frame = picture(64, 80, 2)
+    plain = simplejpeg.encode_jpeg(frame, quality=90, colorspace="RGB", colorsubsampling="420")
+    assert jpeg_region.layout(plain) is None
+
+    def pillow(**options):
+        out = io.BytesIO()
+        Image.fromarray(frame).save(out, "JPEG", quality=90, **options)
+        return out.getvalue()
+
+    assert jpeg_region.layout(pillow(restart_marker_blocks=2)) is None
+    assert jpeg_region.layout(pillow(restart_marker_blocks=1, progressive=True)) is None
+    assert jpeg_region.layout(pillow(restart_marker_blocks=1, subsampling=0)).mcu_width == 8  # 4:4:4: 8 x 8 MCUs
+    with pytest.raises(ValueError, match="no JPEG start marker"):
+        jpeg_region.layout(b"GIF89a")
+    data = frame_store.encode_frame(frame, 92)
+    where = jpeg_region.layout(data)
+    at = data.index(b"\xff\xd3", where.scan)  # drop one restart marker: the MCUs no longer line up
+    with pytest.raises(ValueError, match="restart markers for 20 MCUs"):
+        jpeg_region.cut(data[:at] + data[at + 2:], where, (0, 2), (1, 3))
+    markers = jpeg_region.restart_markers(data, where)
+    assert len(markers) == 19 and all(data[m] == 0xFF and 0xD0 <= data[m + 1] <= 0xD7 for m in markers)
+    assert jpeg_region.cut(data, where, (1, 3), (2, 4), markers) == jpeg_region.cut(data, where, (1, 3), (2, 4))
+    with pytest.raises(ValueError, match="not where the frame's table says"):
+        jpeg_region.cut(data, where, (1, 3), (2, 4), markers + 1)
+    with pytest.raises(ValueError, match="outside a 4 x 5 MCU frame"):
+        jpeg_region.cut(data, where, (0, 5), (0, 1))
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    """A store with a small copy, from a real 340x256 H.264 file."""
+    base = tmp_path_factory.mktemp("window")
+    path = str(base / "v.frames")
+    frame_store.write_store(encode_video(base / "v.mp4", 8, 340, 256, gop=250), path, small_side=160)
+    return path
+
+
+def test_a_window_read_equals_the_whole_frames_at_the_same_scale(store_path):
+    rng = np.random.default_rng(3)
+    generator = torch.Generator().manual_seed(0)
+    with frame_store.FrameStore(store_path) as store:
+        source = (store.height, store.width)
+        for crop, short_range in ((32, (36, 320)), (112, (128, 320)), (160, (180, 228)), (224, (256, 320))):
+            for _ in range(6):
+                short, box = T.draw_scale_crop(*source, crop, *short_range, generator)
+                indices = sorted(rng.integers(0, store.num_frames + 2, 3).tolist())  # past the end too
+                part, (y, x, height, width) = store.read_window(indices, min_short_side=short, box=box,
+                                                                source_size=source)
+                whole = store.read(indices, min_short_side=short)
+                assert (height, width) == tuple(whole.shape[1:3]) and min(height, width) >= min(short, 256)
+                assert torch.equal(part, whole[:, y:y + part.shape[1], x:x + part.shape[2]])
+                top, bottom, left, right = T.box_bounds(box, source, (height, width))
+                assert y <= top and bottom <= y + part.shape[1] and x <= left and right <= x + part.shape[2]
+                assert part.shape[1] - (bottom - top) < 32 and part.shape[2] - (right - left) < 32  # whole MCUs
+
+
+def test_a_format_1_store_is_read_whole_and_converted_again(tmp_path, monkeypatch):
+    """Files written before restart markers (simplejpeg frames, magic X3DFRMS1) still read; a resumed
+    preparation does not count them as done."""
+    monkeypatch.setattr(frame_store, "MAGIC", b"X3DFRMS1")
+    monkeypatch.setattr(frame_store, "encode_frame", lambda frame, quality: simplejpeg.encode_jpeg(
+        np.ascontiguousarray(frame), quality=quality, colorspace="RGB", colorsubsampling="420"))
+    monkeypatch.setattr(frame_store, "_record_of", lambda jpeg: jpeg)
+    path = str(tmp_path / "old.frames")
+    frame_store.write_store(encode_video(tmp_path / "v.mp4", 4, 96, 72, gop=250), path)
+    monkeypatch.undo()
+    assert not frame_store.store_matches(path, frame_store.DEFAULT_SHORT_SIDE, None, frame_store.DEFAULT_QUALITY)
+    with frame_store.FrameStore(path) as store:
+        assert store.version == 1 and store.verify() is None
+        part, window = store.read_window([0, 3], min_short_side=40, box=(10.0, 20.0, 40.0, 40.0), source_size=(72, 96))
+        assert window == (0, 0, 72, 96) and torch.equal(part, store.read([0, 3], min_short_side=40))
+
+
+def test_damaged_entropy_data_in_a_window_read_names_the_file_and_frame(store_path, tmp_path):
+    damaged = tmp_path / "damaged.frames"
+    data = bytearray(open(store_path, "rb").read())
+    with frame_store.FrameStore(store_path) as store:
+        start = int(store._offsets[0, 2])
+        at = int(store._frame(2, 0)[1][5 * 22 + 8])  # the marker after MCU 8 of row 5, inside the box
+    data[start + at:start + at + 2] = b"\x00\x00"  # one restart marker of frame 2 overwritten
+    damaged.write_bytes(bytes(data))
+    with frame_store.FrameStore(str(damaged)) as store:
+        with pytest.raises(VideoDecodeError, match=r"damaged.frames frame 2: corrupt JPEG data \(the restart markers are not where"):
+            store.read_window([1, 2], min_short_side=256, box=(20.0, 30.0, 200.0, 200.0), source_size=(256, 340))
+        assert "checksum" in store.verify()
