@@ -130,9 +130,10 @@ class FrameStore(video_io._Source):
         start, stop = self._offsets[level, index], self._offsets[level, index + 1]
         return self._pread(int(stop - start), int(start), f"frame {index}")
 
-    def _frame(self, index, level):
-        """(JPEG bytes, positions of its restart markers or None) of frame `index` at `level`."""
-        record = self._record(index, level)
+    def _frame(self, index, level, record=None):
+        """(JPEG bytes, positions of its restart markers or None) of frame `index` at `level`
+        (`record`: its stored bytes when already read)."""
+        record = self._record(index, level) if record is None else record
         if self.version < 2:
             return record, None
         size = int.from_bytes(record[-4:], "little") if len(record) >= 4 else -1
@@ -205,9 +206,10 @@ class FrameStore(video_io._Source):
         for level, (width, height) in enumerate(self.sizes):
             header = None
             for index in range(self.num_frames + 1):
-                if zlib.crc32(self._record(index, level)) != int(self._crcs[level, index]):
+                record = self._record(index, level)
+                if zlib.crc32(record) != int(self._crcs[level, index]):
                     return f"frame {index} (level {level}) does not match its checksum"
-                data, markers = self._frame(index, level)
+                data, markers = self._frame(index, level, record)
                 if video_io._jpeg_header(data) != (height, width):
                     return f"frame {index} (level {level}) is not a {width}x{height} JPEG"
                 if markers is None:
@@ -321,8 +323,9 @@ def write_store(source_path, path, *, short_side=DEFAULT_SHORT_SIDE, small_side=
 
 def store_matches(path, short_side, small_side, quality):
     """True when `path` is a complete store of the current format written with these settings (what
-    a resumed preparation keeps; a format 1 file is converted again). Complete = its index agrees with its size; the checksums were verified when it was
-    written (before the rename that made it visible), so a resume does not read every byte again."""
+    a resumed preparation keeps; a format 1 file is converted again). Complete = its index agrees
+    with its size; the checksums were verified when it was written (before the rename that made it
+    visible), so a resume does not read every byte again."""
     try:
         with FrameStore(path) as store:
             return store.version == _READABLE[MAGIC] and \
