@@ -129,3 +129,17 @@ def test_damaged_entropy_data_in_a_window_read_names_the_file_and_frame(store_pa
         with pytest.raises(VideoDecodeError, match=r"damaged.frames frame 2: corrupt JPEG data \(the restart markers are not where"):
             store.read_window([1, 2], min_short_side=256, box=(20.0, 30.0, 200.0, 200.0), source_size=(256, 340))
         assert "checksum" in store.verify()
+
+
+def test_a_frame_record_with_a_bad_size_field_names_the_file_and_frame(store_path, tmp_path):
+    damaged = tmp_path / "badsize.frames"
+    data = bytearray(open(store_path, "rb").read())
+    with frame_store.FrameStore(store_path) as store:
+        end = int(store._offsets[0, 4])  # frame 3's record ends where frame 4's begins
+    data[end - 4:end] = (10 ** 9).to_bytes(4, "little")  # its JPEG size field: far past the record
+    damaged.write_bytes(bytes(data))
+    with frame_store.FrameStore(str(damaged)) as store:
+        with pytest.raises(VideoDecodeError, match=r"badsize.frames frame 3: corrupt frame record \(JPEG size "
+                                                   r"1000000000 in \d+ bytes\); rebuild it"):
+            store.read_window([3], min_short_side=256, box=(20.0, 30.0, 200.0, 200.0), source_size=(256, 340))
+        assert "checksum" in store.verify()
