@@ -3,8 +3,10 @@
 CPU backward: PyTorch's CPU backward of a depthwise 3D convolution (oneDNN) runs 10-40x slower
 than its forward, and it was 78% of an X3D-XS training step at 16x48x48 on 2 cores. Here the
 input gradient is computed with forward depthwise convolutions (a flipped kernel; at spatial
-stride 2, one small convolution per output phase) and, where it measured faster, the weight
-gradient with one batched matmul per (temporal, vertical) kernel offset. The forward pass, the
+stride 2, one small convolution per output phase). The weight gradient of a stride-1 layer is one
+depthwise convolution too (each sample's channel correlated with its own output gradient, then
+summed over the batch); at spatial stride 2 it is one batched matmul per (temporal, vertical)
+kernel offset where that measured faster, else PyTorch's. The forward pass, the
 parameters and the state_dict are unchanged; gradients equal PyTorch's to float rounding.
 `bench/bench_train_step.py --device cpu --variants plain fast_depthwise` measures it.
 """
@@ -51,9 +53,20 @@ def _grad_weight_bmm(x, g, stride, padding):
     return out.unsqueeze(1)
 
 
+def _grad_weight_conv(x, g, padding):
+    """d loss / d weight at stride 1: the padded input of every (sample, channel) correlated with its g."""
+    n, channels = x.shape[:2]
+    padded = F.pad(x, (padding[2], padding[2], padding[1], padding[1], padding[0], padding[0]))
+    per_sample = F.conv3d(padded.reshape(1, n * channels, *padded.shape[2:]),
+                          g.reshape(n * channels, 1, *g.shape[2:]), None, 1, 0, 1, n * channels)
+    return per_sample.reshape(n, channels, 1, *per_sample.shape[2:]).sum(0)
+
+
 def _grad_weight(x, g, weight, stride, padding):
-    """d loss / d weight: the batched-matmul form where it measured faster on 2 cores, else PyTorch's."""
-    if (stride == (1, 1, 1) and weight.shape[2:] == (3, 3, 3)) or g.shape[4] <= 3:
+    """d loss / d weight: the form that measured fastest on 2 cores for this layer (see the module docstring)."""
+    if stride == (1, 1, 1):
+        return _grad_weight_conv(x.contiguous(), g, padding)
+    if g.shape[4] <= 3:
         return _grad_weight_bmm(x, g, stride, padding)
     return torch.ops.aten.convolution_backward(
         g, x, weight, None, list(stride), list(padding), [1, 1, 1], False, [0, 0, 0], weight.shape[0],
