@@ -9,9 +9,11 @@ clips per CPU-second at that shape from each source: mp4 with a keyframe every 2
 the same re-encoded by prepare_videos.py (short side 256, keyframe every 30, tune fastdecode),
 JPEG frame folders of the decoded mp4 frames (quality 90, 4:2:0, as frame extractors write them),
 the frame store made from the mp4s by prepare_videos.py --frame-store (defaults), and the store
-with a second 160-px copy of each frame. One process, one thread; every cell is the median of
-`--repeats` rounds that alternate the sources. Then per recipe the whole run's data CPU-seconds and
-GMACs of Multigrid over constant-shape training (450 vs 300 epochs of the same dataset), the "does
+with a second 160-px copy of each frame. One process, one thread; each of `--repeats` rounds
+measures every shape from every source, and a cell is the median over the rounds. Then per recipe
+the whole run's data CPU-seconds (the median of the rounds' own ratios, with their range: each
+round's cells are measured within minutes of each other, so a drift of the machine's speed cancels)
+and GMACs of Multigrid over constant-shape training (450 vs 300 epochs of the same dataset), the "does
 it feed the GPU" table, the store's PSNR against the source frames (decoded mp4 frames scaled to
 the store's size) at several JPEG qualities, disk per source, and preparation time per 1,000 videos.
 Data: bench_data's synthetic 340x256 30 fps videos (panning texture, moving blobs, sensor noise).
@@ -19,6 +21,7 @@ Data: bench_data's synthetic 340x256 30 fps videos (panning texture, moving blob
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +40,7 @@ import synthetic_data  # noqa: E402
 import transforms  # noqa: E402
 import video_io  # noqa: E402
 import x3d  # noqa: E402
-from bench_data import FPS, HEIGHT, WIDTH, _median_rates, render_frames, write_mp4  # noqa: E402
+from bench_data import FPS, HEIGHT, WIDTH, measure, render_frames, write_mp4  # noqa: E402
 from bench_train_step import significant  # noqa: E402
 from kinetics_multigrid import KineticsDataset  # noqa: E402
 from multigrid import ClipRequest  # noqa: E402
@@ -158,19 +161,23 @@ def _quiet(*_):
 
 
 def shape_rates(data, model, shapes, clips, repeats):
-    """{(frames, crop): {source: clips per CPU-second}} of training clips at every shape, interleaved rounds."""
+    """[{(frames, crop): {source: clips per CPU-second}} per round]: every round measures every shape from
+    every source, `clips` new clips a cell, so a drift of the machine's speed hits a round's cells alike."""
     preset = x3d.PRESETS[MODELS[model]]
     datasets = {name: KineticsDataset(root, annotations, "train", class_list=classes, frames=preset.frames,
                                       rate=preset.rate, crop=preset.train_crop, short_side=preset.train_short_side,
                                       log=_quiet)
                 for name, (root, annotations, classes) in data.items()}
-    out = {}
-    for frames, crop, max_rate, _ in shapes:
-        runs = {name: (lambda i, d=ds: d[ClipRequest(i % len(d), frames, crop, max_rate, i)][0])
+    rounds = []
+    for round_ in range(repeats):
+        cells = {}
+        for frames, crop, max_rate, _ in shapes:
+            cells[(frames, crop)] = {
+                name: measure(lambda i, d=ds: d[ClipRequest(i % len(d), frames, crop, max_rate, i)][0], clips,
+                              1 + round_ * clips)[0]
                 for name, ds in datasets.items()}
-        rates = _median_rates(runs, clips, repeats)
-        out[(frames, crop)] = {name: rates[name][0] for name in SOURCES}
-    return out
+        rounds.append(cells)
+    return rounds
 
 
 def _table(header, rows):
@@ -180,11 +187,18 @@ def _table(header, rows):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def report(model, shapes, macs, rates, epochs):
+def _run_ratio(shapes, rates, base, name, scale):
+    """Data CPU-seconds of the Multigrid run over the constant-shape run from one set of cell rates."""
+    return scale * sum(share / rates[(t, s)][name] for t, s, _, share in shapes) * rates[base][name]
+
+
+def report(model, shapes, macs, rounds, epochs):
     """The shape table, the whole-run ratios and the GPU table of one recipe, as text; and a dict of
-    the figures the targets are judged on."""
+    the figures the targets are judged on. Cell rates are medians over the rounds; a whole-run ratio
+    is the median of the rounds' own ratios (each from cells measured minutes apart), with their range."""
     preset = x3d.PRESETS[MODELS[model]]
     base = (preset.frames, preset.train_crop)
+    rates = {key: {name: statistics.median(r[key][name] for r in rounds) for name in SOURCES} for key in rounds[0]}
     rows = []
     for t, s, r, share in shapes:
         cells = [f"{t}x{s} ({r})", f"{share:.3f}", f"{macs[(t, s)]:.3f}"]
@@ -192,11 +206,13 @@ def report(model, shapes, macs, rates, epochs):
     shape_table = _table(["T x S (max rate)", "share", "GMACs"] + [f"{n} clips/cpu-s" for n in SOURCES], rows)
     multigrid_epochs, constant_epochs = epochs
     scale = multigrid_epochs / constant_epochs
-    data_ratio = {name: scale * sum(share / rates[(t, s)][name] for t, s, _, share in shapes) / (1 / rates[base][name])
-                  for name in SOURCES}
+    per_round = {name: sorted(_run_ratio(shapes, r, base, name, scale) for r in rounds) for name in SOURCES}
+    data_ratio = {name: statistics.median(values) for name, values in per_round.items()}
     gmac_ratio = scale * sum(share * macs[(t, s)] for t, s, _, share in shapes) / macs[base]
-    run_table = _table(["source", "data CPU-s Multigrid / constant shape", "GMACs Multigrid / constant shape"],
-                       [[name, f"{data_ratio[name]:.2f}", f"{gmac_ratio:.2f}"] for name in SOURCES])
+    run_table = _table(["source", "data CPU-s Multigrid / constant shape (median of rounds)", "rounds' range",
+                        "GMACs Multigrid / constant shape"],
+                       [[name, f"{data_ratio[name]:.2f}", f"{per_round[name][0]:.2f}-{per_round[name][-1]:.2f}",
+                         f"{gmac_ratio:.2f}"] for name in SOURCES])
     gpu_rows, feeds = [], {}
     for t, s, _, _ in shapes:
         need = GPU_RATE[model] * macs[base] / macs[(t, s)]

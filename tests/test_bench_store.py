@@ -34,9 +34,10 @@ def test_quick_bench_tables_follow_their_formulas(tmp_path):
         rates = {r[0].split()[0]: [float(x) for x in r[3:]] for r in shapes}
         share = {r[0].split()[0]: float(r[1]) for r in shapes}
         run = _rows(section, "data CPU-s")
-        for column, (source, data_ratio, gmac_ratio) in enumerate(run):
+        for column, (source, data_ratio, spread, gmac_ratio) in enumerate(run):
             expected = 1.5 * sum(share[k] / rates[k][column] for k in share) * rates[base][column]
             assert abs(float(data_ratio) - expected) < 0.02 + 0.01 * expected, source
+            assert spread == f"{data_ratio}-{data_ratio}", source  # --quick measures one round
             assert abs(float(gmac_ratio) - 1.5 * sum(share[k] * macs[k] for k in share) / macs[base]) < 0.02
         for row in _rows(section, "GPU need clips/s"):
             need = gpu_rate * macs[base] / macs[row[0]]
@@ -48,3 +49,21 @@ def test_quick_bench_tables_follow_their_formulas(tmp_path):
     quality = {r[0]: float(r[1]) for r in _rows(text, "JPEG quality")}
     assert quality["store files (default)"] == quality["92 (default)"] > quality["90"]
     assert len(_rows(text, "| target")) == 7
+
+
+def test_whole_run_ratio_is_the_median_of_the_rounds_own_ratios():
+    """A round measured while the machine ran at half speed changes no round's ratio: the drift cancels."""
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    import bench_store
+    shapes = [(4, 112, 20, 0.5), (16, 224, 5, 0.5)]
+    macs = {(4, 112): 1.0, (16, 224): 8.0}
+    steady = {(4, 112): 400.0, (16, 224): 100.0}
+    rounds = [{key: {name: rate * speed for name in bench_store.SOURCES} for key, rate in steady.items()}
+              for speed in (1.0, 0.5, 0.6)]
+    rounds[2][(4, 112)]["store"] *= 2  # one round twice as fast at the small shape, from the store only
+    text, figures = bench_store.report("X3D-M", shapes, macs, rounds, (450, 300))
+    expected = 1.5 * (0.5 / 400 + 0.5 / 100) * 100  # 0.9375 in every round without the outlier
+    assert abs(figures["data_ratio"]["jpeg"] - expected) < 1e-9
+    assert abs(figures["data_ratio"]["store"] - expected) < 1e-9  # the outlier round is not the median
+    row = next(r for r in _rows(text, "data CPU-s") if r[0] == "store")
+    assert row[1:3] == ["0.94", f"{1.5 * (0.5 / 800 + 0.5 / 100) * 100:.2f}-0.94"]
