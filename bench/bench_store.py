@@ -195,7 +195,7 @@ def _run_ratio(shapes, rates, base, name, scale):
 def report(model, shapes, macs, rounds, epochs):
     """The shape table, the whole-run ratios and the GPU table of one recipe, as text; and a dict of
     the figures the targets are judged on. Cell rates are medians over the rounds; a whole-run ratio
-    is the median of the rounds' own ratios (each from cells measured minutes apart), with their range."""
+    is the median of the rounds' own ratios (each from cells measured within minutes), with their range."""
     preset = x3d.PRESETS[MODELS[model]]
     base = (preset.frames, preset.train_crop)
     rates = {key: {name: statistics.median(r[key][name] for r in rounds) for name in SOURCES} for key in rounds[0]}
