@@ -65,7 +65,7 @@ def _grad_weight_conv(x, g, padding):
 def _grad_weight(x, g, weight, stride, padding):
     """d loss / d weight: the form that measured fastest on 2 cores for this layer (see the module docstring)."""
     if stride == (1, 1, 1):
-        return _grad_weight_conv(x.contiguous(), g, padding)
+        return _grad_weight_conv(x, g, padding)
     if g.shape[4] <= 3:
         return _grad_weight_bmm(x, g, stride, padding)
     return torch.ops.aten.convolution_backward(
