@@ -85,19 +85,20 @@ def cut(data: bytes, where: Layout, rows: tuple, cols: tuple, markers=None) -> b
     if len(found) != count - 1:
         raise ValueError(f"{len(found)} restart markers for {count} MCUs")
     end = _end(data)
-    out = bytearray(data[:where.scan])
+    view = memoryview(data)  # slices of a memoryview are appended without an intermediate copy
+    out = bytearray(view[:where.scan])
     struct.pack_into(">HH", out, where.sof + 5,
                      min(r1 * where.mcu_height, where.height) - r0 * where.mcu_height,
                      min(c1 * where.mcu_width, where.width) - c0 * where.mcu_width)
+    width = c1 - c0
     number = 0  # the cut's markers are numbered RST0, RST1, ... again, as a decoder expects them
-    for row in range(r0, r1):
-        first = row * per_row + c0
-        last = first + c1 - c0 - 1
+    for first in range(r0 * per_row + c0, r1 * per_row, per_row):
+        last = first + width - 1
         start = found[first - 1] + 2 if first else where.scan
         shift = len(out) - start
-        out += data[start:found[last] if last < count - 1 else end]  # the row's MCUs and the markers between
-        for k in range(first, last):
-            at = found[k] + shift
+        out += view[start:found[last] if last < count - 1 else end]  # the row's MCUs and the markers between
+        for at in found[first:last]:
+            at += shift
             if out[at] != 0xFF:
                 raise ValueError("the restart markers are not where the frame's table says")
             out[at + 1] = _RST0 + (number & 7)
