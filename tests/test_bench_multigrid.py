@@ -218,21 +218,21 @@ def test_spread_of_even_counts_and_missing_values():
 
 
 def test_cpu_preset_is_the_demo_data_and_settings():
-    """--cpu resolves to the demo's dataset (names, difficulty, counts, make_kinetics' defaults) and model settings,
-    with BN splits of the base batch, the frame store and max epoch 10."""
+    """--cpu resolves to the demo's dataset (names, difficulty, training count, make_kinetics' defaults) with 120
+    held-out videos in its own folder, the demo's model settings, BN splits of the base batch, the frame store
+    and max epoch 10 with steps at 6 and 8."""
     args = bm.parse_args(["--cpu"])
     assert args.class_choice == list(kinetics.DEMO_DATASET["classes"])
     assert args.difficulty_spec == synthetic_data.DIFFICULTIES[kinetics.DEMO_DATASET["difficulty"]]
-    assert (args.train_per_class, args.val_per_class) == (kinetics.DEMO_DATASET["train_per_class"],
-                                                          kinetics.DEMO_DATASET["val_per_class"])
+    assert (args.train_per_class, args.val_per_class) == (kinetics.DEMO_DATASET["train_per_class"], 40)
     assert (args.seconds, args.fps, args.size) == (2, 30, (128, 96))  # make_kinetics' defaults, as the demo's
-    assert args.data == os.path.join(bm.ROOT, kinetics.DEMO_DATA)
+    assert args.data == os.path.join(bm.ROOT, "data", "bench_multigrid_cpu")
     demo = kinetics.DEMO_SETTINGS
     assert (args.version, args.frames, args.crop, args.batch_size) == (
         demo["X3D_VERSION"], demo["FRAMES"], demo["CROP"], demo["BATCH_SIZE"])
     assert args.device == "cpu" and args.eval_period == 1 and args.short_cycle is demo["SHORT_CYCLE"] is False
     assert args.bn_base_size == args.batch_size and args.source == "store"
-    assert (args.max_epoch, args.steps) == (10, "0,8,9")
+    assert (args.max_epoch, args.steps) == (10, "0,6,8")
 
 
 def test_short_cycle_switch_reaches_the_multigrid_plan():
