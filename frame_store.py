@@ -9,7 +9,8 @@ short side decode instead: the entropy decoding of a JPEG does not shrink with l
 
 Every frame is a baseline 4:2:0 JPEG with a restart marker after every MCU (16 x 16 pixels), so a
 training clip decodes only the MCUs its crop box covers (`read_window`, `jpeg_region`): the
-entropy decoding shrinks with the box too, which libjpeg's scaled decode cannot do.
+entropy decoding shrinks with the box too, which libjpeg's scaled decode cannot do. The clip's
+cuts are stacked into one JPEG and decoded in one call (`jpeg_region.Stack`), not one a frame.
 
 Layout (little-endian):
 
@@ -37,6 +38,7 @@ import sys
 import zlib
 
 import numpy as np
+import torch
 
 import jpeg_region
 import transforms
@@ -190,16 +192,47 @@ class FrameStore(video_io._Source):
         mcu_h, mcu_w = where.mcu_height // factor, where.mcu_width // factor
         rows, cols = (top // mcu_h, -(-bottom // mcu_h)), (left // mcu_w, -(-right // mcu_w))
 
-        def load(i):
-            data, at = (first, markers) if i == indices[0] else self._frame(i, level)
-            try:  # every frame of a level has the first one's header layout (checked by verify)
-                return jpeg_region.cut(data, where, rows, cols, at)
-            except (ValueError, IndexError) as error:
-                raise VideoDecodeError(name(i), f"corrupt JPEG data ({error}); rebuild the store with "
-                                                "prepare_videos.py --frame-store") from None
+        records = {indices[0]: (first, markers)}
+        for i in indices[1:]:
+            if i not in records:
+                records[i] = self._frame(i, level)
+        frames = self._decode_stacked(records, where, rows, cols, factor, name)
+        if frames is None:
+            def load(i):
+                data, at = records[i]
+                try:  # every frame of a level has the first one's header layout (checked by verify)
+                    return jpeg_region.cut(data, where, rows, cols, at)
+                except (ValueError, IndexError) as error:
+                    raise VideoDecodeError(name(i), f"corrupt JPEG data ({error}); rebuild the store with "
+                                                    "prepare_videos.py --frame-store") from None
+            return video_io.decode_frames(indices, load, name, factor=factor, fast_upsample=True), \
+                (rows[0] * mcu_h, cols[0] * mcu_w) + full
+        if len(records) < len(indices):
+            position = {i: p for p, i in enumerate(records)}
+            frames = frames[[position[i] for i in indices]]
+        return torch.from_numpy(frames), (rows[0] * mcu_h, cols[0] * mcu_w) + full
 
-        frames = video_io.decode_frames(indices, load, name, factor=factor, fast_upsample=True)
-        return frames, (rows[0] * mcu_h, cols[0] * mcu_w) + full
+    @staticmethod
+    def _decode_stacked(records, where, rows, cols, factor, name):
+        """uint8 (N, h, w, 3) of the window of each of `records` ({frame index: (JPEG, markers)}, N of
+        them) decoded as one stacked JPEG (`jpeg_region.Stack`: one decoder setup for the clip, not
+        one a frame), or None where the frames cannot be stacked (one frame, a partial MCU row at the
+        bottom, another header) or one is damaged (decoded one by one, its error names it)."""
+        keys = list(records)
+        first = records[keys[0]][0]
+        try:
+            stack = jpeg_region.Stack(first, where, rows, cols, len(keys))
+        except ValueError:
+            return None
+        if len(keys) < 2 or not all(stack.header_matches(records[i][0]) for i in keys):
+            return None
+        try:
+            for i in keys:
+                stack.add(*records[i])
+            image = video_io.decode_image_bytes(stack.finish(), name(keys[0]), factor=factor, fast_upsample=True)
+        except (ValueError, IndexError, VideoDecodeError):
+            return None
+        return image.reshape(len(keys), image.shape[0] // len(keys), *image.shape[1:])
 
     def verify(self):
         """None when every frame's bytes match their CRC and hold a JPEG of the level's size, else the reason."""

@@ -72,6 +72,31 @@ def test_only_jpegs_with_a_restart_marker_after_every_mcu_can_be_cut():
         jpeg_region.cut(data, where, (0, 5), (0, 1))
 
 
+def test_a_stack_of_cuts_decodes_to_each_frames_cut():
+    """One decode of several frames' cuts stacked gives each frame's cut exactly, at every libjpeg scale."""
+    frames = [frame_store.encode_frame(picture(75, 101, seed), 92) for seed in range(3)]  # 5 x 7 MCUs, partial edges
+    where = jpeg_region.layout(frames[0])
+    for factor in (1, 2, 4, 8):
+        for rows, cols in (((0, 4), (0, 7)), ((1, 3), (6, 7)), ((3, 4), (2, 5))):  # the last partial column too
+            stack = jpeg_region.Stack(frames[0], where, rows, cols, len(frames))
+            for data in frames:
+                assert stack.header_matches(data)
+                stack.add(data)
+            image = decode_image_bytes(stack.finish(), "stack", factor=factor, fast_upsample=True)
+            parts = [decode_image_bytes(jpeg_region.cut(data, where, rows, cols), "cut", factor=factor,
+                                        fast_upsample=True) for data in frames]
+            assert np.array_equal(image, np.concatenate(parts)), (factor, rows, cols)
+    with pytest.raises(ValueError, match="cannot be stacked"):  # the bottom row is partial (75 = 4 x 16 + 11)
+        jpeg_region.Stack(frames[0], where, (3, 5), (0, 2), 2)
+    jpeg_region.Stack(frames[0], where, (3, 5), (0, 2), 1)  # one frame may end in it, as `cut` does
+    other = frame_store.encode_frame(picture(75, 101, 0), 80)  # other quantisation tables
+    assert not jpeg_region.Stack(frames[0], where, (0, 1), (0, 1), 2).header_matches(other)
+    stack = jpeg_region.Stack(frames[0], where, (0, 1), (0, 1), 2)
+    stack.add(frames[0])
+    with pytest.raises(ValueError, match="1 of the stack's 2 frames added"):
+        stack.finish()
+
+
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
     """A store with a small copy, from a real 340x256 H.264 file."""
@@ -81,9 +106,30 @@ def store_path(tmp_path_factory):
     return path
 
 
-def test_a_window_read_equals_the_whole_frames_at_the_same_scale(store_path):
+@pytest.fixture(scope="module")
+def odd_store_path(tmp_path_factory):
+    """A store of 300x200 frames: a partial MCU row at the bottom, where a window's frames are not stacked."""
+    base = tmp_path_factory.mktemp("odd")
+    path = str(base / "odd.frames")
+    frame_store.write_store(encode_video(base / "odd.mp4", 8, 300, 200, gop=250), path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["store_path", "odd_store_path"])
+def test_a_window_read_equals_the_whole_frames_at_the_same_scale(which, request, monkeypatch):
+    store_path = request.getfixturevalue(which)
     rng = np.random.default_rng(3)
     generator = torch.Generator().manual_seed(0)
+    stacked = []  # per window of more than one distinct frame: decoded as one stack (True) or frame by frame
+    decode_stacked = frame_store.FrameStore._decode_stacked
+
+    def counted(records, *rest):
+        out = decode_stacked(records, *rest)
+        if len(records) > 1:
+            stacked.append(out is not None)
+        return out
+
+    monkeypatch.setattr(frame_store.FrameStore, "_decode_stacked", staticmethod(counted))
     with frame_store.FrameStore(store_path) as store:
         source = (store.height, store.width)
         for crop, short_range in ((32, (36, 320)), (112, (128, 320)), (160, (180, 228)), (224, (256, 320))):
@@ -93,11 +139,12 @@ def test_a_window_read_equals_the_whole_frames_at_the_same_scale(store_path):
                 part, (y, x, height, width) = store.read_window(indices, min_short_side=short, box=box,
                                                                 source_size=source)
                 whole = store.read(indices, min_short_side=short)
-                assert (height, width) == tuple(whole.shape[1:3]) and min(height, width) >= min(short, 256)
+                assert (height, width) == tuple(whole.shape[1:3]) and min(height, width) >= min(short, *source)
                 assert torch.equal(part, whole[:, y:y + part.shape[1], x:x + part.shape[2]])
                 top, bottom, left, right = T.box_bounds(box, source, (height, width))
                 assert y <= top and bottom <= y + part.shape[1] and x <= left and right <= x + part.shape[2]
                 assert part.shape[1] - (bottom - top) < 32 and part.shape[2] - (right - left) < 32  # whole MCUs
+    assert sum(stacked) >= 5 and (which == "store_path") == all(stacked), stacked
 
 
 def test_a_format_1_store_is_read_whole_and_converted_again(tmp_path, monkeypatch):
