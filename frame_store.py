@@ -196,6 +196,7 @@ class FrameStore(video_io._Source):
         for i in indices[1:]:
             if i not in records:
                 records[i] = self._frame(i, level)
+        window = (rows[0] * mcu_h, cols[0] * mcu_w) + full
         frames = self._decode_stacked(records, where, rows, cols, factor, name)
         if frames is None:
             def load(i):
@@ -205,12 +206,11 @@ class FrameStore(video_io._Source):
                 except (ValueError, IndexError) as error:
                     raise VideoDecodeError(name(i), f"corrupt JPEG data ({error}); rebuild the store with "
                                                     "prepare_videos.py --frame-store") from None
-            return video_io.decode_frames(indices, load, name, factor=factor, fast_upsample=True), \
-                (rows[0] * mcu_h, cols[0] * mcu_w) + full
+            return video_io.decode_frames(indices, load, name, factor=factor, fast_upsample=True), window
         if len(records) < len(indices):
             position = {i: p for p, i in enumerate(records)}
             frames = frames[[position[i] for i in indices]]
-        return torch.from_numpy(frames), (rows[0] * mcu_h, cols[0] * mcu_w) + full
+        return torch.from_numpy(frames), window
 
     @staticmethod
     def _decode_stacked(records, where, rows, cols, factor, name):
@@ -219,12 +219,13 @@ class FrameStore(video_io._Source):
         one a frame), or None where the frames cannot be stacked (one frame, a partial MCU row at the
         bottom, another header) or one is damaged (decoded one by one, its error names it)."""
         keys = list(records)
-        first = records[keys[0]][0]
+        if len(keys) < 2:
+            return None
         try:
-            stack = jpeg_region.Stack(first, where, rows, cols, len(keys))
+            stack = jpeg_region.Stack(records[keys[0]][0], where, rows, cols, len(keys))
         except ValueError:
             return None
-        if len(keys) < 2 or not all(stack.header_matches(records[i][0]) for i in keys):
+        if not all(stack.header_matches(records[i][0]) for i in keys):
             return None
         try:
             for i in keys:

@@ -115,7 +115,8 @@ class Stack:
 
     def add(self, data: bytes, markers=None) -> None:
         """Append the rectangle of frame `data` (`markers`: its `restart_markers` when known). Raises
-        ValueError when its entropy-coded data does not hold one restart marker between every two MCUs."""
+        ValueError when its entropy-coded data does not hold one restart marker between every two MCUs
+        (the stack is then unusable: its bytes hold part of the frame)."""
         if self.added == self.frames:
             raise ValueError(f"the stack already holds its {self.frames} frames")
         where, out, count = self.where, self.out, self.count
