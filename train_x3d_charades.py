@@ -77,7 +77,7 @@ EPOCH_FACTOR = 1.5       # long cycle: the schedule's epochs x this (PySlowFast'
 BN_BASE_SIZE = 8         # samples per BN split on each GPU in long-cycle phases
 
 PRECISION = "fp32"       # fp32, bf16 (autocast) or fp16 (autocast + grad scaler)
-CHANNELS_LAST = False    # channels-last 3D memory format (faster on recent GPUs)
+CHANNELS_LAST = False    # channels-last 3D memory format (slower for X3D on an H200: bench/README.md)
 COMPILE = False          # torch.compile the model
 ACTIVATION_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, more time
 FAST_DEPTHWISE = True    # CPU: x3d_kernels.py's faster depthwise-conv backward (PyTorch's grads to rounding)

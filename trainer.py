@@ -990,6 +990,12 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
                         pin_memory=d.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed),
                         prefetch_factor=4 if cfg.workers > 0 else None)
+    # On the device before the optimizer loads its state, which follows each parameter's device.
+    model.to(d.device)
+    if cfg.fast_depthwise and d.device.type == "cpu":
+        log(f"fast CPU depthwise backward (x3d_kernels) on {x3d_kernels.use_fast_depthwise(model)} convolutions")
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.SGD(x3d.parameter_groups(model, cfg.weight_decay, cfg.bn_weight_decay),
                                 lr=plan.lr_at(0.0), momentum=cfg.momentum,
                                 nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -1011,11 +1017,6 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
         log(f"resumed at epoch {epoch} iteration {iteration} (step {step}); "
             f"{counters['decode_failures']} decode failures replaced so far")
         del ckpt, resume
-    model.to(d.device)
-    if cfg.fast_depthwise and d.device.type == "cpu":
-        log(f"fast CPU depthwise backward (x3d_kernels) on {x3d_kernels.use_fast_depthwise(model)} convolutions")
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last_3d)
     if cfg.activation_checkpointing:
         model.set_activation_checkpointing(True)
     net = model

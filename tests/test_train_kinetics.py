@@ -149,6 +149,26 @@ def test_multigrid_run_kill_resume_and_test(data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on one by bench/gpu_smoke.py too)")
+def test_gpu_run_killed_mid_epoch_resumes_in_bf16_channels_last(data, tmp_path):
+    """On GPU 0: a SIGKILLed bf16 channels-last run resumes (optimizer state on the GPU) and finishes."""
+    cmd = base_args(data, tmp_path, "gpu", precision="bf16", workers=2) + ["-gpu", "0", "--channels-last"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    last = tmp_path / "gpu" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at epoch" in resumed.stdout
+    assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "gpu", "train"))
+    assert (tmp_path / "gpu" / "results.json").exists()
+
+
 def test_two_process_ddp_matches_one_process(data, tmp_path):
     """Two gloo processes with batch 2 each end with the weights of one process with batch 4.
 
