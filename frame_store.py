@@ -53,6 +53,7 @@ DEFAULT_SHORT_SIDE = 256
 DEFAULT_QUALITY = 92
 DEFAULT_SMALL_SIDE = 0
 DECODE_BUDGET = 192 << 20  # bytes of decoded source frames held at once while writing
+_INDEX_GUESS = 16384  # bytes read after the header on opening: the tables of a 10-s two-level store fit
 
 
 def _tables_size(count, levels):
@@ -91,9 +92,13 @@ class FrameStore(video_io._Source):
         return data
 
     def _read_index(self):
-        """Parse the header and the offset / CRC tables and check them against the file's size."""
-        head = self._pread(_HEAD.size, 0, "header")
-        magic, count, fps, quality, short_side, small_side, levels = _HEAD.unpack(head)
+        """Parse the header and the offset / CRC tables and check them against the file's size
+        (each frame's own offsets are checked when it is read: `_record`)."""
+        head = os.pread(self._fd, _HEAD.size + _INDEX_GUESS, 0)  # header and, mostly, the tables in one read
+        if len(head) < _HEAD.size:
+            raise VideoDecodeError(self.path, "frame store truncated (header ends past the file's end); "
+                                              "rebuild it with prepare_videos.py --frame-store")
+        magic, count, fps, quality, short_side, small_side, levels = _HEAD.unpack_from(head)
         if magic not in _READABLE:
             raise VideoDecodeError(self.path, f"not a frame store (magic {magic!r}, expected {MAGIC!r})")
         self.version = _READABLE[magic]
@@ -103,16 +108,18 @@ class FrameStore(video_io._Source):
         self.num_frames, self.fps, self.quality = count, float(fps), quality
         self.settings = {"short_side": short_side, "small_side": small_side, "quality": quality}
         tables = _tables_size(count, levels)
-        raw = self._pread(tables, _HEAD.size, "index")
+        raw = memoryview(head)[_HEAD.size:_HEAD.size + tables]
+        if len(raw) < tables:
+            raw = self._pread(tables, _HEAD.size, "index")
         sizes = np.frombuffer(raw, "<u4", 2 * levels).reshape(levels, 2)
         self.sizes = [(int(w), int(h)) for w, h in sizes]
         self.width, self.height = self.sizes[0]
         offsets = np.frombuffer(raw, "<u8", levels * (count + 2), 8 * levels).reshape(levels, count + 2)
         self._crcs = np.frombuffer(raw, "<u4", levels * (count + 1), 8 * levels + offsets.nbytes).reshape(levels, -1)
         self._offsets = offsets.astype(np.int64)
-        end = int(self._offsets[-1, -1])
+        self._end = end = int(self._offsets[-1, -1])
         actual = os.fstat(self._fd).st_size
-        if np.any(np.diff(self._offsets.ravel()) < 0) or self._offsets[0, 0] != _HEAD.size + tables:
+        if self._offsets[0, 0] != _HEAD.size + tables:
             raise VideoDecodeError(self.path, "corrupt frame store index (offsets out of order)")
         if actual != end:
             raise VideoDecodeError(self.path, f"frame store truncated or damaged: {actual} bytes, the index "
@@ -129,8 +136,10 @@ class FrameStore(video_io._Source):
 
     def _record(self, index, level):
         """The stored bytes of frame `index` at `level`: its JPEG, then (format 2) its marker table."""
-        start, stop = self._offsets[level, index], self._offsets[level, index + 1]
-        return self._pread(int(stop - start), int(start), f"frame {index}")
+        start, stop = int(self._offsets[level, index]), int(self._offsets[level, index + 1])
+        if not _HEAD.size <= start <= stop <= self._end:
+            raise VideoDecodeError(self.path, "corrupt frame store index (offsets out of order)")
+        return self._pread(stop - start, start, f"frame {index}")
 
     def _frame(self, index, level, record=None):
         """(JPEG bytes, positions of its restart markers or None) of frame `index` at `level`
@@ -142,14 +151,16 @@ class FrameStore(video_io._Source):
         if not 0 < size <= len(record) - 4 or (len(record) - 4 - size) % 4:
             raise VideoDecodeError(f"{self.path} frame {index}", "corrupt frame record (JPEG size "
                                    f"{size} in {len(record)} bytes); rebuild it with prepare_videos.py --frame-store")
-        markers = array.array("I", record[size:len(record) - 4])  # read as Python ints: cut's loop is faster
+        view = memoryview(record)  # slices without copies
+        markers = array.array("I")  # read as Python ints: cut's loop is faster
+        markers.frombytes(view[size:len(record) - 4])
         if sys.byteorder == "big":
             markers.byteswap()
-        return record[:size], markers
+        return view[:size], markers
 
     def frame_bytes(self, index, level=0):
         """The stored JPEG bytes of frame `index` at `level`."""
-        return self._frame(index, level)[0]
+        return bytes(self._frame(index, level)[0])
 
     def read(self, indices, *, min_short_side=None):
         """uint8 (T, H, W, 3) frames at `indices` (repeats decoded once; past the end: what the source gave there).

@@ -2,6 +2,7 @@
 import csv
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -191,6 +192,19 @@ def test_a_truncated_or_foreign_store_is_a_counted_skip_naming_the_file(kinetics
     (root / "a" / "ccc_000000_000010.frames").write_bytes(bytes(flipped))
     with frame_store.FrameStore(root / "a" / "ccc_000000_000010.frames") as damaged:
         assert "checksum" in damaged.verify()
+    # An index whose offsets point past the file's end: every frame that uses one says so when read.
+    with frame_store.FrameStore(good) as store:
+        levels, count = len(store.sizes), store.num_frames
+    at = frame_store._HEAD.size + 8 * levels  # level 0's offsets: frames 0..count, then the level's end
+    past = struct.unpack_from("<Q", data, at + 8 * (count + 1))[0] + 1
+    damaged_index = bytearray(data)
+    for k in range(1, count + 1):
+        struct.pack_into("<Q", damaged_index, at + 8 * k, past)
+    (root / "a" / "ccc_000000_000010.frames").write_bytes(bytes(damaged_index))
+    with frame_store.FrameStore(root / "a" / "ccc_000000_000010.frames") as damaged:
+        for frame in (0, 1, count - 1):
+            with pytest.raises(VideoDecodeError, match="offsets out of order"):
+                damaged.read([frame])
 
 
 def _make_sources(root, count):
