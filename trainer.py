@@ -1026,7 +1026,10 @@ def train(cfg, d: Dist, task: Task) -> dict | None:
             broadcast_buffers=False)
     if cfg.compile:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        net = torch.compile(net)
+        # One static graph per Multigrid shape and BN split: with dynamic shapes, inductor failed to
+        # lower a convolution after the split batch norm at the second shape (torch 2.13 on CPU:
+        # "ValueRangeError: Invalid ranges [0:-1]").
+        net = torch.compile(net, dynamic=False)
 
     def snapshot(e: int, i: int, s: int) -> dict:
         return _checkpoint_state(model, optimizer, scaler, cfg, task, n_classes, e, i, s, best,

@@ -94,15 +94,16 @@ def run_one(args, name: str, extra: dict) -> dict:
     run_dir = os.path.join(args.out, name)
     log_path = os.path.join(args.out, f"{name}.log")
     cmd = command(args, name, extra)
+    timeout = args.compile_timeout if extra.get("compile") else args.timeout
     t0 = time.time()
     proc, log = start(cmd, log_path)
     note = ""
     if name.endswith("_killed"):
-        note = kill_at_second_shape(proc, run_dir, args.timeout)
+        note = kill_at_second_shape(proc, run_dir, timeout)
         log.close()
         proc, log = start(cmd, log_path)
     try:
-        rc = proc.wait(timeout=max(1.0, args.timeout - (time.time() - t0)))
+        rc = proc.wait(timeout=max(1.0, timeout - (time.time() - t0)))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         rc = "timeout"
@@ -134,6 +135,8 @@ def main() -> int:
     p.add_argument("--data", default="data/gpu_smoke")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--timeout", type=float, default=240.0, help="seconds per run")
+    p.add_argument("--compile-timeout", type=float, default=900.0,
+                   help="seconds for the compiled run (one compilation per Multigrid shape, 8 shapes)")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = p.parse_args()
     import synthetic_data

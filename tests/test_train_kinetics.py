@@ -59,6 +59,20 @@ def run(cmd, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def kill_at_first_checkpoint(cmd, run_dir):
+    """Start a training command, SIGKILL it once its first last.pt exists; return that checkpoint's path."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return last
+
+
 def records(run_dir, kind=None):
     """metrics.jsonl of a run, optionally of one kind."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -105,16 +119,7 @@ def test_multigrid_run_kill_resume_and_test(data, tmp_path):
 
     # The twin: killed with SIGKILL right after its first mid-epoch checkpoint, then resumed.
     cmd = base_args(data, tmp_path, "killed")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            cwd=ROOT)
-    last = tmp_path / "killed" / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    last = kill_at_first_checkpoint(cmd, tmp_path / "killed")
     killed_step = torch.load(last, map_location="cpu", weights_only=False)["step"]
     final_step = train[-1]["step"]
     assert 0 < killed_step < final_step
@@ -148,20 +153,11 @@ def test_multigrid_run_kill_resume_and_test(data, tmp_path):
     assert name == row["top1"] and abs(float(prob) - float(row["top1_prob"])) <= 2e-4, (lines, row)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on one by bench/gpu_smoke.py too)")
 def test_gpu_run_killed_mid_epoch_resumes_in_bf16_channels_last(data, tmp_path):
     """On GPU 0: a SIGKILLed bf16 channels-last run resumes (optimizer state on the GPU) and finishes."""
     cmd = base_args(data, tmp_path, "gpu", precision="bf16", workers=2) + ["-gpu", "0", "--channels-last"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    last = tmp_path / "gpu" / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(cmd, tmp_path / "gpu")
     resumed = run(cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at epoch" in resumed.stdout
@@ -169,6 +165,7 @@ def test_gpu_run_killed_mid_epoch_resumes_in_bf16_channels_last(data, tmp_path):
     assert (tmp_path / "gpu" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(data, tmp_path):
     """Two gloo processes with batch 2 each end with the weights of one process with batch 4.
 
