@@ -117,10 +117,10 @@ def run_one(args, name: str, extra: dict) -> dict:
     top1 = None
     if os.path.exists(results):
         with open(results) as f:
-            res = json.load(f)
-        top1 = res.get("top1", res.get("test_top1"))
-    ok = (rc == 0 and losses and all(math.isfinite(x) for x in losses) and os.path.exists(results)
-          and len(frames) >= 3 and (not name.endswith("_killed") or ("resum" in text.lower() and note.startswith("killed"))))
+            top1 = json.load(f).get("top1")
+    resumed = "resumed at epoch" in text and note.startswith("killed")
+    ok = (rc == 0 and losses and all(math.isfinite(x) for x in losses) and top1 is not None
+          and frames == [4, 8, 16] and (resumed or not name.endswith("_killed")))
     return {"run": name, "ok": bool(ok), "rc": rc, "wall_s": round(time.time() - t0, 1), "steps": len(recs),
             "frames_seen": frames, "shapes": len({(r["batch"], r["frames"], r["crop"]) for r in recs}),
             "last_loss": round(losses[-1], 4) if losses else None, "test": top1,
