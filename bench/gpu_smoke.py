@@ -24,6 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import trainer  # noqa: E402 - after the repository root is on the path
+
 SCRIPT = os.path.join(ROOT, "train_x3d_kinetics_multigrid.py")
 SETTINGS = {
     "x3d-version": "XS", "frames": 16, "rate": 2, "crop": 64, "test-crop": 64, "short-side": "68,80",
@@ -53,20 +55,8 @@ def command(args, name: str, extra: dict) -> list:
 
 
 def train_records(run_dir: str) -> list:
-    """The run's train records so far (a half-written last line is left out)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("kind") == "train":
-                out.append(rec)
-    return out
+    """The run's train records so far."""
+    return [r for r in trainer.read_metrics(run_dir) if r.get("kind") == "train"]
 
 
 def start(cmd, log_path):
