@@ -83,10 +83,11 @@ class FrameStore(video_io._Source):
             self.close()
             raise
 
-    def _pread(self, size, offset, what):
-        """`size` bytes at `offset`; a short read means the file was cut off."""
+    def _pread(self, size, offset, what, least=None):
+        """`size` bytes at `offset` (at least `least` of them, when given, before the file's end);
+        a shorter read means the file was cut off."""
         data = os.pread(self._fd, size, offset)
-        if len(data) != size:
+        if len(data) < (size if least is None else least):
             raise VideoDecodeError(self.path, f"frame store truncated ({what} ends past the file's end); "
                                               "rebuild it with prepare_videos.py --frame-store")
         return data
@@ -94,10 +95,7 @@ class FrameStore(video_io._Source):
     def _read_index(self):
         """Parse the header and the offset / CRC tables and check them against the file's size
         (each frame's own offsets are checked when it is read: `_record`)."""
-        head = os.pread(self._fd, _HEAD.size + _INDEX_GUESS, 0)  # header and, mostly, the tables in one read
-        if len(head) < _HEAD.size:
-            raise VideoDecodeError(self.path, "frame store truncated (header ends past the file's end); "
-                                              "rebuild it with prepare_videos.py --frame-store")
+        head = self._pread(_HEAD.size + _INDEX_GUESS, 0, "header", least=_HEAD.size)  # mostly the tables too
         magic, count, fps, quality, short_side, small_side, levels = _HEAD.unpack_from(head)
         if magic not in _READABLE:
             raise VideoDecodeError(self.path, f"not a frame store (magic {magic!r}, expected {MAGIC!r})")

@@ -179,6 +179,9 @@ def test_a_truncated_or_foreign_store_is_a_counted_skip_naming_the_file(kinetics
     (root / "a" / "ccc_000000_000010.frames").write_bytes(data)
     with pytest.raises(VideoDecodeError, match="truncated"):
         frame_store.FrameStore(root / "a" / "aaa_000000_000010.frames")
+    (tmp_path / "short.frames").write_bytes(data[:10])  # cut inside the header
+    with pytest.raises(VideoDecodeError, match=r"short\.frames.*truncated \(header"):
+        frame_store.FrameStore(tmp_path / "short.frames")
     (root / "list.txt").write_text("a/aaa_000000_000010.frames 0\na/bbb_000000_000010.frames 0\n"
                                    "a/ccc_000000_000010.frames 0\n")
     lines = []
