@@ -239,3 +239,48 @@ def test_frames_decode_into_one_array_and_repeats_are_copies(tmp_path):
     assert np.array_equal(slot, video_io.decode_image(paths[1], min_short_side=24))
     wrong = np.zeros((10, 10, 3), np.uint8)  # a buffer of another shape is left alone
     assert video_io.decode_image(paths[1], out=wrong).shape == (48, 64, 3) and not wrong.any()
+
+
+_FAULTS_SCRIPT = """
+import resource, sys
+import numpy as np
+sys.path.insert(0, {repo!r})
+import video_io
+if {keep}:
+    video_io.open_video({folder!r})  # the first open in a process sets malloc up
+faults = []
+for _ in range(4):  # 40 MB: above glibc's largest automatic threshold (32 MB), so mmap'd by default
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = np.empty(40 << 20, np.uint8)
+    block.fill(1)
+    del block
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(max(faults[1:]))
+"""
+
+
+def _glibc():
+    """Whether this process runs on glibc (its C library names itself through confstr)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="keep_freed_memory sets glibc's malloc; this C library is not glibc")
+def test_opening_a_video_keeps_freed_frame_buffers_for_reuse(tmp_path):
+    """After the first open_video, a freed 40 MB buffer is reused without fresh pages (page faults
+    counted by the kernel); in a process that never opened a video every such buffer faults anew."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write_jpeg_folder(tmp_path / "clip", 1, 32, 32)
+    fresh = (40 << 20) // (2 << 20)  # at least one fault per page, huge (2 MB) pages included
+    counts = {}
+    for keep in (False, True):
+        script = _FAULTS_SCRIPT.format(repo=repo, keep=keep, folder=str(tmp_path / "clip"))
+        counts[keep] = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                          check=True).stdout)
+    assert counts[False] >= fresh, counts  # the default: every 40 MB buffer is fresh pages
+    assert counts[True] <= counts[False] // 10, counts
+    assert video_io.keep_freed_memory() and video_io._heap_kept[0] == os.getpid()
