@@ -10,7 +10,8 @@ short side decode instead: the entropy decoding of a JPEG does not shrink with l
 Every frame is a baseline 4:2:0 JPEG with a restart marker after every MCU (16 x 16 pixels), so a
 training clip decodes only the MCUs its crop box covers (`read_window`, `jpeg_region`): the
 entropy decoding shrinks with the box too, which libjpeg's scaled decode cannot do. The clip's
-cuts are placed side by side in one JPEG and decoded in one call (`jpeg_region.Stack`), not one a frame.
+cuts are placed side by side in one JPEG and decoded in one call (`jpeg_region.Stack`), not one
+a frame.
 
 Layout (little-endian):
 
@@ -180,7 +181,8 @@ class FrameStore(video_io._Source):
         frame of `source_size` = (height, width), rounded out to whole MCUs. window = (top, left, full
         height, full width): where that part sits in the whole frame decoded at that scale, whose
         pixels it equals exactly. A frame without restart markers is decoded whole."""
-        indices = [min(i, self.num_frames) for i in (indices.tolist() if torch.is_tensor(indices) else map(int, indices))]
+        given = indices.tolist() if torch.is_tensor(indices) else map(int, indices)  # int() per tensor item is slow
+        indices = [min(i, self.num_frames) for i in given]
         if not indices or min(indices) < 0:
             raise ValueError(f"read_window needs non-negative frame indices, got {indices[:4]} for {self.path}")
         level = self.level_for(min_short_side)
@@ -225,9 +227,8 @@ class FrameStore(video_io._Source):
     def _decode_stacked(records, where, rows, cols, factor, name):
         """uint8 (N, h, w, 3) of the window of each of `records` ({frame index: (JPEG, markers)}, N of
         them) decoded as one stacked JPEG (`jpeg_region.Stack`: one decoder setup for the clip, not
-        one a frame), or None where
-        the frames cannot be stacked (one frame, another header) or one is damaged (decoded one by
-        one, its error names it)."""
+        one a frame), or None where the frames cannot be stacked (one frame, another header) or one
+        is damaged (decoded one by one, its error names it)."""
         keys = list(records)
         if len(keys) < 2:
             return None

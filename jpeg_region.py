@@ -87,10 +87,11 @@ class Stack:
     the order they are added: decoding it once gives each frame's `cut`, pixel for pixel (every MCU
     decodes on its own), without a decoder's setup per frame. Side by side, not one under another:
     libjpeg-turbo decoded a tall, narrow stack about 1.4x slower per MCU than a wide one (store
-    frames, cuts of 9 x 9 MCUs: 1.15 against 0.81 us an MCU, a whole frame 0.81). Each frame takes `slot_width` pixels: with several frames the
-    cut's whole MCUs, so where it holds the frame's partial right column, the columns past the
-    frame's edge hold the encoder's padding. The frames must share `where` and the header bytes of
-    `first` (its quantisation and Huffman tables: a store's frames do, `header_matches` checks).
+    frames, cuts of 9 x 9 MCUs: 1.15 against 0.81 us an MCU, a whole frame 0.81). Each frame takes
+    `slot_width` pixels: with several frames the cut's whole MCUs, so where it holds the frame's
+    partial right column, the columns past the frame's edge hold the encoder's padding. The frames
+    must share `where` and the header bytes of `first` (its quantisation and Huffman tables: a
+    store's frames do, `header_matches` checks).
     """
 
     def __init__(self, first: bytes, where: Layout, rows: tuple, cols: tuple, frames: int):
