@@ -210,6 +210,10 @@ class MultigridPlan:
       PySlowFast syncs BN across GPUs, and where the splits do not divide a batch its
       SubBatchNorm crashes mid-training: this plan refuses both at construction with a
       ValueError naming the phase, the per-GPU batch, bn_base_size and what to set.
+    - constant_batch=True (not PySlowFast's; a variant for small datasets, where the long cycle's
+      large batches leave too few steps): the long cycle's phases, shapes and epochs unchanged,
+      every phase at the base per-GPU batch with batch factor 1, so its LR is the constant-shape
+      run's and a small-shape epoch takes as many steps as a base-shape one, each cheaper.
     """
 
     def __init__(self, frames: int, crop: int, rate: int, batch_per_gpu: int, max_epoch: int,
@@ -219,7 +223,7 @@ class MultigridPlan:
                  warmup_start_lr: Optional[float] = None, epoch_factor: float = 1.5,
                  long_cycle_factors=DEFAULT_LONG_CYCLE_FACTORS,
                  short_cycle_factors=DEFAULT_SHORT_CYCLE_FACTORS, bn_base_size: int = 8,
-                 cosine_end_lr: float = 0.0, cosine_batch_factor: bool = True):
+                 cosine_end_lr: float = 0.0, cosine_batch_factor: bool = True, constant_batch: bool = False):
         frames, crop, rate, batch_per_gpu, max_epoch, bn_base_size = (
             _positive_int(name, value) for name, value in (
                 ("frames", frames), ("crop", crop), ("rate", rate),
@@ -244,7 +248,7 @@ class MultigridPlan:
         self.batch_per_gpu, self.base_lr, self.lr_policy = batch_per_gpu, base_lr, lr_policy
         self.long_cycle, self.short_cycle, self.gamma = long_cycle, short_cycle, gamma
         self.bn_base_size, self.cosine_end_lr = bn_base_size, cosine_end_lr
-        self.cosine_batch_factor = cosine_batch_factor
+        self.cosine_batch_factor, self.constant_batch = cosine_batch_factor, constant_batch
         self.short_cycle_factors = tuple(short_cycle_factors)
         self.input_max_epoch = max_epoch
         self.schedule = None
@@ -253,6 +257,8 @@ class MultigridPlan:
         if long_cycle:
             self.schedule = long_cycle_schedule(steps, max_epoch, frames, crop, long_cycle_factors,
                                                 short_cycle_factors, epoch_factor, short_cycle)
+            if constant_batch:  # the long cycle's shapes and epochs, each at the base batch and LR
+                self.schedule = [(step, (1, t, s), end) for step, (_, t, s), end in self.schedule]
             if lr_policy == "steps_with_relative_lrs":
                 self.steps, self.relative_lrs, _ = multigrid_lr_steps(self.schedule, gamma)
             self.max_epoch = self.schedule[-1][-1]

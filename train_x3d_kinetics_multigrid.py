@@ -67,6 +67,7 @@ LONG_CYCLE = True        # Multigrid long cycle: phases of bigger batches of sma
 SHORT_CYCLE = True       # Multigrid short cycle: iterations at smaller crops with bigger batches
 EPOCH_FACTOR = 1.5       # long cycle: the schedule's epochs x this (PySlowFast's 1.5)
 BN_BASE_SIZE = 8         # samples per BN split on each GPU in long-cycle phases
+CONSTANT_BATCH = False   # long cycle at the base batch and LR in every phase (a small-data variant, not PySlowFast's)
 
 PRECISION = "fp32"       # fp32, bf16 (autocast) or fp16 (autocast + grad scaler)
 CHANNELS_LAST = False    # channels-last 3D memory format (slower for X3D on an H200: bench/README.md)

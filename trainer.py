@@ -812,7 +812,7 @@ def make_plan(cfg, d: Dist) -> multigrid.MultigridPlan:
         gamma=cfg.gamma, warmup_epochs=cfg.warmup_epochs,
         warmup_start_lr=cfg.warmup_start_lr * base_lr / cfg.base_lr if cfg.warmup_start_lr else None,
         epoch_factor=cfg.epoch_factor, bn_base_size=cfg.bn_base_size,
-        cosine_batch_factor=cfg.cosine_batch_factor)
+        cosine_batch_factor=cfg.cosine_batch_factor, constant_batch=getattr(cfg, "constant_batch", False))
 
 
 def _precise_bn(model, train_ds, cfg, d: Dist, epoch: int, splits: int) -> int:

@@ -80,7 +80,8 @@ DEFAULTS = {
     "device": "cuda", "version": "S", "frames": 0, "rate": 0, "crop": 0, "test_crop": 0, "short_side": "",
     "batch_size": 64, "base_lr": 0.1, "lr_reference_batch": 128, "max_epoch": 20, "steps": "0,8,13,16",
     "warmup_epochs": 2.0, "epoch_factor": 1.5, "bn_base_size": 8, "dropout": 0.5, "precision": "fp32",
-    "short_cycle": True, "workers": 14, "threads": 0, "evals": 5, "eval_period": 0, "precise_bn_batches": 20,
+    "short_cycle": True, "constant_batch": False, "workers": 14, "threads": 0, "evals": 5, "eval_period": 0,
+    "precise_bn_batches": 20,
     "test_temporal_views": 10, "test_spatial_views": 3, "test_batch": 8, "log_period": 1, "seed": 0,
     "classes": "10", "train_per_class": 200, "val_per_class": 20, "seconds": 3, "fps": 30, "size": "128x96",
     "difficulty": "medium", "keyframe_interval": 250, "data_workers": 16, "source": "store",
@@ -129,6 +130,7 @@ HELP = {
     "difficulty": "a synthetic_data preset (easy, medium, hard, demo), optionally with field=value overrides: "
                   "demo,speed=1.5,distractors=0:1",
     "short_cycle": "the Multigrid run's short cycle",
+    "constant_batch": "the Multigrid run's long cycle at the base batch and LR in every phase (not PySlowFast's)",
     "eval_period": "epochs between evaluations (precise BN, validation, a kept checkpoint to test); 0: --evals a run",
     "evals": "evaluations a run when --eval-period is 0",
     "seed": "the trainer's seed for both runs; each seed goes to <out-dir>/seed_<seed>/",
@@ -215,6 +217,9 @@ def seed_dir(args) -> str:
     return os.path.join(args.out_dir, f"seed_{args.seed}")
 
 
+_ADDED_SETTINGS = {"constant_batch": False}  # settings newer than some saved runs: what those runs did
+
+
 def saved_runs(args) -> dict:
     """{seed folder: {run name: its bench_run.json}} of every run already in --out-dir.
 
@@ -226,7 +231,7 @@ def saved_runs(args) -> dict:
     for path in sorted(glob.glob(os.path.join(args.out_dir, "seed_*", "*", "bench_run.json"))):
         with open(path) as f:
             run = json.load(f)
-        theirs = {k: v for k, v in run.get("settings", {}).items() if k != "seed"}
+        theirs = {k: v for k, v in {**_ADDED_SETTINGS, **run.get("settings", {})}.items() if k != "seed"}
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             shown = ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in differ)
@@ -297,16 +302,18 @@ def common_flags(args, paths) -> list[str]:
     return out
 
 
-def run_flags(name: str, short_cycle: bool = True) -> list[str]:
-    """The flags that make a run constant-shape or Multigrid (with or without the short cycle)."""
+def run_flags(name: str, short_cycle: bool = True, constant_batch: bool = False) -> list[str]:
+    """The flags that make a run constant-shape or Multigrid (with or without the short cycle, at the
+    scaled or the constant batch)."""
     if name == "constant":
         return ["--no-long-cycle", "--no-short-cycle"]
-    return ["--long-cycle", "--short-cycle" if short_cycle else "--no-short-cycle"]
+    return ["--long-cycle", "--short-cycle" if short_cycle else "--no-short-cycle"] + (
+        ["--constant-batch"] if constant_batch else [])
 
 
 def run_argv(args, flags: list[str], name: str) -> list[str]:
     """A run's trainer flags: common flags, its cycles, and its evaluation / checkpoint period."""
-    own = flags + run_flags(name, args.short_cycle)
+    own = flags + run_flags(name, args.short_cycle, args.constant_batch)
     period = args.eval_period or math.ceil(plan_of(own).max_epoch / args.evals)
     return own + ["--eval-period", str(period), "--checkpoint-period", str(period)]
 
@@ -724,7 +731,8 @@ def _footer(result: dict, seeds: list) -> str:
             f"({', '.join(d['classes'])}), {d['seconds']} s at {d['fps']} fps, {d['size']}, difficulty "
             f"{d['difficulty']}, read from {_SOURCE_WORDS[s.get('source', 'mp4')]}; X3D-{s['version']}, batch "
             f"{s['batch_size']}, max epoch {s['max_epoch']}, steps "
-            f"{s['steps']}, short cycle {'on' if s['short_cycle'] else 'off'}; test: {result['protocol']}; "
+            f"{s['steps']}, short cycle {'on' if s['short_cycle'] else 'off'}"
+            f"{', Multigrid at the constant batch' if s.get('constant_batch') else ''}; test: {result['protocol']}; "
             "wall s = training loop without the evaluations; reach = first evaluation at or above the seed's "
             "constant run's final top-1; peak RSS = ru_maxrss of the trainer process, worker = the largest of its "
             "children's; median [min-max] over seeds")

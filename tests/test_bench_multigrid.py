@@ -179,6 +179,17 @@ def test_same_seed_again_is_skipped_and_other_options_are_refused(tiny, capsys):
     assert stop.value.code == 2
     assert "was measured with other settings: max_epoch=2 (now 3), steps='0,1' (now '0,2')" in capsys.readouterr().err
     assert not (out / "seed_1").exists()
+    for name in bm.RUNS:  # runs saved before a setting existed count as its old behaviour
+        path = out / "seed_0" / name / "bench_run.json"
+        run = json.loads(path.read_text())
+        del run["settings"]["constant_batch"]
+        path.write_text(json.dumps(run))
+    assert bm.main(argv) == 0 and capsys.readouterr().out.count("is already measured in") == 2
+    with pytest.raises(SystemExit):
+        bm.main(argv + ["--seed", "1", "--constant-batch"])
+    assert "other settings: constant_batch=False (now True)" in capsys.readouterr().err
+    for name, text in before.items():
+        (out / "seed_0" / name / "bench_run.json").write_text(text)
 
 
 def test_summary_over_seeds_takes_median_and_range(tiny, tmp_path):
@@ -246,6 +257,19 @@ def test_short_cycle_switch_reaches_the_multigrid_plan():
         assert bm.run_argv(args, flags, "multigrid")[-4:] == ["--eval-period", "1", "--checkpoint-period", "1"]
         constant = bm.plan_of(bm.run_argv(args, flags, "constant"))
         assert not constant.long_cycle and not constant.short_cycle and constant.max_epoch == args.max_epoch
+
+
+def test_constant_batch_switch_reaches_the_multigrid_plan_only():
+    """--constant-batch: the trainer's plan keeps the long cycle's phases at the base batch; the constant run
+    gets no such flag."""
+    paths = {"train_root": "t", "train_csv": "t.csv", "val_root": "v", "val_csv": "v.csv", "classes": "c.txt"}
+    args = bm.parse_args(["--cpu", "--constant-batch"])
+    flags = bm.common_flags(args, paths)
+    scaled = bm.plan_of(bm.run_argv(bm.parse_args(["--cpu"]), flags, "multigrid"))
+    mg = bm.plan_of(bm.run_argv(args, flags, "multigrid"))
+    assert mg.constant_batch and [p.end_epoch for p in mg.phases] == [p.end_epoch for p in scaled.phases]
+    assert {p.per_gpu_batch for p in mg.phases} == {args.batch_size} != {p.per_gpu_batch for p in scaled.phases}
+    assert "--constant-batch" not in bm.run_argv(args, flags, "constant")
 
 
 def test_timeline_takes_evaluations_out_of_the_clock():

@@ -129,6 +129,23 @@ def test_long_cycle_without_short_cycle_by_hand():
     assert [p.max_rate for p in plan.phases[:4]] == [16, 8, 8, 4]
 
 
+def test_constant_batch_keeps_the_long_cycle_phases_at_the_base_batch_and_lr():
+    """The small-data variant: PySlowFast's phases, shapes, epochs and rates, every phase at the base
+    per-GPU batch (plain BN), the LR of each step the constant-shape run's (no batch factor)."""
+    args = (8, 112, 4, 8, 80, [0, 30, 50, 60], 0.2)
+    scaled = MultigridPlan(*args, short_cycle=False)
+    plan = MultigridPlan(*args, short_cycle=False, constant_batch=True)
+    keep = lambda p: (p.index, p.step_index, p.frames, p.crop, p.start_epoch, p.end_epoch, p.max_rate)  # noqa: E731
+    assert [keep(p) for p in plan.phases] == [keep(p) for p in scaled.phases]
+    assert [(p.batch_factor, p.per_gpu_batch, p.bn_splits, p.shapes) for p in plan.phases[:4]] == [
+        (1, 8, 1, ((8, 79),)), (1, 8, 1, ((8, 79),)), (1, 8, 1, ((8, 112),)), (1, 8, 1, ((8, 112),))]
+    assert plan.steps == scaled.steps and plan.max_epoch == scaled.max_epoch == 120
+    # PySlowFast's split of the fine-tune phase: the previous phase's LR, then its own
+    assert plan.relative_lrs == pytest.approx([0.1 ** p.step_index for p in plan.phases[:-1]] + [0.01, 0.001])
+    assert scaled.relative_lrs[:4] == [8, 4, 2, 1]
+    assert plan.lr_at(10) == pytest.approx(0.2) and plan.lr_at(60) == pytest.approx(0.02)
+
+
 def test_cosine_with_long_cycle_places_phases_as_steps_and_scales_by_batch_factor():
     plan = stepwise_plan(lr_policy="cosine")
     assert [(p.step_index, (p.batch_factor, p.frames, p.crop), p.end_epoch)
