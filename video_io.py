@@ -664,8 +664,9 @@ _heap_kept = (None, False)  # (process id, whether malloc was set) of the last `
 
 def keep_freed_memory(limit=HEAP_KEEP_BYTES):
     """Make this process's malloc (glibc) keep freed memory for reuse: blocks up to `limit` bytes come
-    from the heap, not from fresh kernel pages, and up to `limit` free bytes stay at its top. Once
-    per process (forked workers inherit it); returns whether it applied (False elsewhere than glibc)."""
+    from the heap, not from fresh kernel pages, and up to `limit` free bytes stay at its top. Set once
+    in each process (a forked worker checks again); returns whether it applied (False elsewhere than
+    glibc)."""
     global _heap_kept
     if _heap_kept[0] != os.getpid():
         try:
@@ -680,9 +681,8 @@ def keep_freed_memory(limit=HEAP_KEEP_BYTES):
 
 def open_video(path, frame_fps=30.0):
     """A FrameFolder when `path` is a directory, a frame_store.FrameStore for a `.frames` file, else a
-    VideoFile; raises VideoDecodeError. The first call in a process runs `keep_freed_memory`."""
-    if _heap_kept[0] != os.getpid():
-        keep_freed_memory()
+    VideoFile; raises VideoDecodeError. The first call in a process sets `keep_freed_memory`."""
+    keep_freed_memory()
     if os.path.isdir(path):
         return FrameFolder(path, frame_fps)
     if not os.path.exists(path):

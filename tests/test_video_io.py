@@ -1,5 +1,7 @@
 """video_io: real H.264 files encoded with PyAV, real JPEG/PNG frames, garbage bytes."""
 import os
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -271,8 +273,6 @@ def _glibc():
 def test_opening_a_video_keeps_freed_frame_buffers_for_reuse(tmp_path):
     """After the first open_video, a freed 40 MB buffer is reused without fresh pages (page faults
     counted by the kernel); in a process that never opened a video every such buffer faults anew."""
-    import subprocess
-    import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     write_jpeg_folder(tmp_path / "clip", 1, 32, 32)
     fresh = (40 << 20) // (2 << 20)  # at least one fault per page, huge (2 MB) pages included
