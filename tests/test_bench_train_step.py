@@ -84,16 +84,31 @@ def test_quick_skips_compile_with_its_reason_and_states_the_floor(quick_run):
 
 
 def test_cpu_fast_depthwise_row_at_a_chosen_shape(tmp_path):
-    """`--frames` / `--crop` set the shape; the fast_depthwise row runs on the CPU beside the plain one."""
+    """`--frames` / `--crop` / `--bn-splits` set the shape; the CPU rows run beside the plain one, pytorchvideo's
+    (which has no split BN) says why it is skipped."""
     out = tmp_path / "table.md"
+    variants = ["plain", "fast_depthwise", "fast_depthwise+separate_bn_affine"]
     done = subprocess.run([sys.executable, os.path.join(BENCH, "bench_train_step.py"), "--device", "cpu",
-                           "--quick", "--frames", "2", "--crop", "34", "--precisions", "fp32",
-                           "--variants", "plain", "fast_depthwise", "--out", str(out)],
+                           "--quick", "--frames", "2", "--crop", "34", "--precisions", "fp32", "--bn-splits", "2",
+                           "--variants", "pytorchvideo", *variants, "--out", str(out)],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr
-    rows = _rows([line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("|")])
-    assert [(r["model"], r["shape"]) for r in rows] == [("plain", "2x34"), ("fast_depthwise", "2x34")]
-    assert all(NUMBER.match(r["clips/s"]) and r["note"] == "" for r in rows), rows
+    text = out.read_text(encoding="utf-8")
+    rows = _rows([line for line in text.splitlines() if line.startswith("|")])
+    assert [(r["model"], r["shape"]) for r in rows] == [(v, "2x34") for v in ["pytorchvideo", *variants]]
+    assert rows[0]["note"] == "skipped: pytorchvideo's X3D has no split batch norm"
+    assert all(NUMBER.match(r["clips/s"]) and r["note"] == "" for r in rows[1:]), rows
+    assert "2 BN splits in this repo's rows" in text
+
+
+def test_separate_bn_affine_row_trains_like_the_fused_split_bn():
+    """The baseline row (PySlowFast's multiply and add after split BN) computes x3d's fused step to fp32 rounding."""
+    x = torch.randn(4, 3, 4, 64, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(4) % bts.N_CLASSES
+    fused = _one_step("plain", "fp32", x, y, bn_splits=2)
+    separate = _one_step("separate_bn_affine", "fp32", x, y, bn_splits=2)
+    for a, b in zip(separate, fused):
+        assert _relative_error(a, b) < ERROR_FLOOR["fp32"]
 
 
 def test_activation_count_of_x3d_m_matches_reference():
@@ -134,14 +149,14 @@ def _relative_error(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _one_step(variant, precision, x, y, dtype=torch.float32):
+def _one_step(variant, precision, x, y, dtype=torch.float32, bn_splits=1):
     """(logits, loss, gradients, BN running stats) of one forward / backward of XS 4x64, seed 0, no dropout.
 
     BN scales are set to 1: the zero-initialised last BN of each block would otherwise leave every
     residual branch, and so its depthwise convolutions, without a gradient.
     """
     torch.manual_seed(0)
-    model, module, memory_format = bts.build_model(variant, "XS", 4, 64, x.device, dropout=0.0)
+    model, module, memory_format = bts.build_model(variant, "XS", 4, 64, x.device, dropout=0.0, bn_splits=bn_splits)
     module.to(dtype)
     with torch.no_grad():
         for name, p in module.named_parameters():

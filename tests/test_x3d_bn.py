@@ -15,7 +15,7 @@ def _clip(n, frames=2, crop=32, seed=0):
 
 
 def test_split_bn_equals_separate_batchnorms_on_interleaved_sub_batches():
-    """k splits == k BatchNorm3d over samples j, j+k, ... (outputs and running stats), aggregated as PySlowFast."""
+    """k splits == k BatchNorm3d over samples j, j+k, ... (outputs, gradients and running stats), aggregated as PySlowFast."""
     torch.manual_seed(0)
     k, c = 3, 5
     bn = x3d.SubBatchNorm3d(c, num_splits=k)
@@ -26,10 +26,21 @@ def test_split_bn_equals_separate_batchnorms_on_interleaved_sub_batches():
     for ref in refs:
         ref.load_state_dict(bn.state_dict())
     for step in range(3):
-        x = torch.randn(6, c, 2, 3, 3) * (step + 1) + step
+        x = (torch.randn(6, c, 2, 3, 3) * (step + 1) + step).requires_grad_()
+        g = torch.randn(6, c, 2, 3, 3)
         y = bn.train()(x)
+        bn.zero_grad()
+        y.backward(g)
+        ref_x = x.detach().clone().requires_grad_()
         for j, ref in enumerate(refs):
-            torch.testing.assert_close(y[j::k], ref.train()(x[j::k]), atol=1e-5, rtol=1e-5)
+            ref.zero_grad()
+            ref_y = ref.train()(ref_x[j::k])
+            torch.testing.assert_close(y[j::k], ref_y, atol=1e-5, rtol=1e-5)
+            ref_y.backward(g[j::k])
+        torch.testing.assert_close(x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+        for name in ("weight", "bias"):  # one shared affine: its gradient sums the splits'
+            torch.testing.assert_close(getattr(bn, name).grad, sum(getattr(r, name).grad for r in refs),
+                                       atol=1e-5, rtol=1e-5)
     means = torch.stack([r.running_mean for r in refs])
     variances = torch.stack([r.running_var for r in refs])
     torch.testing.assert_close(bn.split_running_mean.view(k, c), means)
