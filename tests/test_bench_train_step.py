@@ -124,6 +124,7 @@ def test_activation_count_of_x3d_m_matches_reference():
     (["--batch-scale", "0"], "--batch-scale must be positive, got 0.0"),
     (["--iters", "0"], "--iters must be at least 1, got 0"),
     (["--crop", "-34"], "--crop must be at least 0, got -34"),
+    (["--bn-splits", "0"], "--bn-splits must be at least 1, got 0"),
     (["--bandwidth-gbs", "-5"], "--bandwidth-gbs must be positive, got -5.0"),
     (["--device", "tpu0"], "--device tpu0"),
     (["--versions", "XXL"], "invalid choice: 'XXL'"),
